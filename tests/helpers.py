@@ -1,0 +1,41 @@
+"""Shared test utilities: seeded random weights that keep activations O(1)."""
+import torch
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights with unit-variance outputs. Norm gains/biases are randomised too, so a
+    swapped norm key would show up as an output mismatch."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.normal_(generator=g)
+        if p.ndim > 1:  # conv / linear / embedding weight: unit-variance output
+            p /= p[0].numel() ** 0.5
+        elif name.endswith("weight"):  # GroupNorm / LayerNorm gain around 1
+            p.mul_(0.1).add_(1.0)
+        else:
+            p.mul_(0.1)
+    return model
+
+
+def random_bundle(seed=0, **kw):
+    """A tiny SD bundle (sd.create) with seeded random weights everywhere."""
+    import sd
+    bundle = sd.create(**kw)
+    for i, m in enumerate((bundle.unet, bundle.vae, bundle.text_encoder)):
+        randomize(m, seed + i).eval()
+    return bundle
+
+
+def write_clip_vocab(path):
+    """vocab.json + merges.txt written from our .gz exactly as CLIP builds its vocab (and as HF ships them)."""
+    import gzip
+    import json
+    from clip_text import DEFAULT_BPE, bytes_to_unicode
+    merges = gzip.open(DEFAULT_BPE).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return path

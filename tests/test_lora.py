@@ -1,0 +1,240 @@
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora
+from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, from_kohya, load_base, load_lora,
+                  lora_rank, lora_state_dict, merge_lora, save_lora, to_kohya, unmerge_lora)
+from unet import PRESETS as UNET_PRESETS
+from unet import UNet
+
+ALL = LoRAConfig(rank=4, targets=GROUPS)  # every group, so every wrapper type and pattern is exercised
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two on a shared, busy machine (no spin-wait contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_unet(seed=0) -> UNet:
+    """Tiny UNet with every parameter random (norms too), so zero-init layers can't hide mistakes."""
+    torch.manual_seed(seed)
+    m = UNet(UNET_PRESETS["tiny"])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return m.eval()
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ctx_dim = UNET_PRESETS["tiny"].context_dim
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 700.0]), torch.randn(2, 5, ctx_dim, generator=g)
+
+
+def train_a_bit(model, steps=3):
+    """A few optimizer steps on a random target, so lora_up != 0 and the fully trained layers move."""
+    x, t, c = inputs(2)
+    target = torch.randn(2, 4, 16, 16)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x, t, c), target).backward()
+        opt.step()
+    model.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("cfg", [ALL, PRESETS["base"], PRESETS["small"]], ids=["all", "base", "small"])
+def test_fresh_lora_is_identity(cfg):
+    base, wrapped = tiny_unet(), tiny_unet()
+    names = apply_lora(wrapped, cfg)
+    assert names and all(isinstance(wrapped.get_submodule(n), LoRALayer) for n in names)
+    with torch.no_grad():
+        assert torch.equal(wrapped(*inputs()), base(*inputs())), "zero-init lora_up must change nothing (exact)"
+
+
+def test_every_group_hits_the_tiny_unet():
+    model = tiny_unet()
+    names = apply_lora(model, ALL)
+    groups = {lora.target_group(n, model.get_submodule(n)) for n in names}
+    assert groups == set(GROUPS), f"groups never matched: {set(GROUPS) - groups}"
+    assert "input_blocks.0.0" not in names and "out.2" not in names  # trained fully, never LoRA
+
+
+def test_base_keys_unchanged_and_load_base():
+    base = tiny_unet()
+    base_sd = base.state_dict()
+    wrapped = tiny_unet(seed=5)
+    apply_lora(wrapped, ALL)
+    wsd = wrapped.state_dict()
+    assert set(base_sd) <= set(wsd), "every base key must survive wrapping unchanged"
+    assert all(lora.is_lora_key(k) for k in set(wsd) - set(base_sd)), "only LoRA keys may be added"
+    assert any(k.endswith("attn1.to_q.lora_down.weight") for k in wsd)
+    with pytest.raises(RuntimeError, match="Missing key"):  # plain strict=True fails on exactly the LoRA keys
+        wrapped.load_state_dict(base_sd, strict=True)
+    load_base(wrapped, base_sd)
+    assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in base_sd.items())
+    with torch.no_grad():
+        assert torch.equal(wrapped(*inputs()), base(*inputs()))
+    partial = {k: v for k, v in base_sd.items() if k != "out.2.bias"}
+    with pytest.raises(KeyError, match=r"missing keys \['out.2.bias'\]"):
+        load_base(wrapped, partial)
+    with pytest.raises(KeyError, match="unexpected.*bogus"):
+        load_base(wrapped, {**base_sd, "bogus.weight": torch.zeros(1)})
+
+
+def test_gradients_only_on_lora_and_fully_trained():
+    model = tiny_unet()
+    apply_lora(model, PRESETS["small"])
+    model.train()
+    model(*inputs()).square().mean().backward()
+    for name, p in model.named_parameters():
+        trainable = ".lora_" in name or name.startswith(("input_blocks.0.0.", "out."))
+        assert p.requires_grad == trainable, name
+        assert (p.grad is not None) == trainable, name
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_up.weight"))
+
+
+def test_merge_unmerge_exact():
+    model = tiny_unet()
+    apply_lora(model, ALL)
+    train_a_bit(model)
+    assert all(m.lora_up.weight.abs().max() > 0 for m in model.modules() if isinstance(m, LoRALayer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y = model(*inputs())
+        merge_lora(model)
+        y_merged = model(*inputs())
+        assert rel_err(y_merged, y) < 1e-5, f"merged vs LoRA output rel err {rel_err(y_merged, y):.2e} (tol 1e-5)"
+        conv = model.get_submodule("input_blocks.1.0.in_layers.2")  # a 3x3 conv LoRA: 1x1 up x 3x3 down
+        assert not torch.allclose(conv.weight, before["input_blocks.1.0.in_layers.2.weight"])
+        unmerge_lora(model)
+        after = model.state_dict()
+        err = max((after[k] - v).abs().max().item() for k, v in before.items())
+        assert err < 1e-5, f"unmerge restores the weights to {err:.2e} (tol 1e-5)"
+        assert rel_err(model(*inputs()), y) < 1e-5
+    with pytest.raises(AssertionError, match="already unmerged"):
+        unmerge_lora(model)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = tiny_unet()
+    cfg = PRESETS["small"]
+    apply_lora(model, cfg)
+    train_a_bit(model)
+    path = str(tmp_path / "lora.safetensors")
+    save_lora(model, path, cfg, base="tiny-unet sha256:1234")
+    with safe_open(path, "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert meta["base_model"] == "tiny-unet sha256:1234"
+    assert LoRAConfig(**json.loads(meta["lora_config"])) == cfg
+    assert keys == set(lora_state_dict(model)) and not any(".to_q.weight" in k for k in keys)
+
+    fresh = tiny_unet()  # same base weights, no LoRA yet
+    assert load_lora(fresh, path) == cfg
+    with torch.no_grad():
+        assert torch.equal(fresh(*inputs()), model(*inputs()))
+
+    sd = lora_state_dict(model)
+    bad = {k: v.contiguous() for k, v in sd.items() if not k.endswith("attn2.to_k.lora_up.weight")}
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata={"lora_config": json.dumps(asdict(cfg))})
+    with pytest.raises(KeyError, match=r"missing keys \[.*attn2\.to_k\.lora_up\.weight"):
+        load_lora(tiny_unet(), str(tmp_path / "bad.safetensors"))
+
+
+def test_kohya_roundtrip():
+    model = tiny_unet()
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, PRESETS["small"])
+    train_a_bit(model)
+    sd = lora_state_dict(model)
+    kohya = to_kohya(sd, base_sd)
+    name = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"  # tiny: attention from ds=2
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(kohya)
+    assert kohya[f"{name}.alpha"].shape == () and kohya["lora_unet_out_2.diff"].shape == (4, 32, 3, 3)
+    back = from_kohya(kohya, base_sd)
+    assert back.keys() == sd.keys()
+    for k, v in sd.items():
+        if lora.is_lora_key(k):
+            assert torch.equal(back[k], v), k
+        else:  # fully trained layers travel as (trained - base) diffs: exact up to one rounding
+            assert torch.allclose(back[k], v, rtol=0, atol=1e-6), f"{k} diff round trip (atol 1e-6)"
+    with pytest.raises(AssertionError, match="needs base_sd"):
+        to_kohya(sd)
+
+
+def full_sd21(cfg=None):
+    with torch.device("meta"):  # shapes only: no memory, no heavy lock
+        m = UNet(UNET_PRESETS["sd21"])
+    names = apply_lora(m, cfg) if cfg else []
+    return m, names
+
+
+def test_kohya_names_are_ldm_module_paths():
+    model, names = full_sd21(PRESETS["base"])
+    modules = dict(model.named_modules())
+    underscored = {n.replace(".", "_"): n for n in modules}
+    assert len(underscored) == len(modules), "'.' -> '_' must be injective on the UNet's module names"
+    meta_sd = {k: torch.empty(0) for k in model.state_dict()}  # names only
+    kohya = to_kohya({k: v for k, v in meta_sd.items() if lora.is_lora_key(k)})
+    kohya_names = {k.partition(".")[0].removeprefix("lora_unet_") for k in kohya}
+    assert len(kohya_names) == len(names) == 192
+    for kn in kohya_names:  # every kohya name is an original LDM path of a wrapped Linear/Conv2d
+        assert kn in underscored and underscored[kn] in names, kn
+    assert "input_blocks_1_1_transformer_blocks_0_attn1_to_q" in kohya_names
+    assert "output_blocks_2_1_conv" in kohya_names  # Upsample conv
+    assert "input_blocks_1_0_skip_connection" not in kohya_names  # 320 -> 320: Identity, no conv there
+    assert "input_blocks_4_0_skip_connection" in kohya_names  # 320 -> 640: 1x1 conv
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("preset,paper,exact", [("base", 222e6, 217_371_972), ("small", 62e6, 61_513_156)])
+def test_preset_param_counts_match_paper(preset, paper, exact):
+    """Paper (SD2.1, 866M UNet params): 'base' 20% rank -> 222M trainable, 'small' rank 64 -> 62M."""
+    base, _ = full_sd21()
+    assert abs(sum(p.numel() for p in base.parameters()) - 866e6) / 866e6 < 1e-3
+    model, _ = full_sd21(PRESETS[preset])
+    n = trainable(model)
+    assert abs(n - paper) / paper < 0.03, f"{preset}: {n / 1e6:.2f}M trainable vs paper {paper / 1e6:.0f}M (tol 3%)"
+    assert n == exact
+
+
+def test_official_rule_counts():
+    """The official code's exact rule (all Conv2d + attn1/attn2 q/k/v at 20%, first conv and out block fully
+    trained) on SD2.1, where proj_in/out are Linear, gives 207.5M -- 6.6% under the paper's 222M."""
+    model, _ = full_sd21(LoRAConfig(rank=0.2, targets=("conv", "attn1", "attn2")))
+    assert trainable(model) == 207_459_652
+
+
+def test_rank_fraction():
+    assert lora_rank(0.2, 320, 1280) == 256 and lora_rank(0.2, 320, 320) == 64  # ceil(0.2 * max(in, out))
+    assert lora_rank(0.2, 1024, 320) == 205 and lora_rank(64, 4, 320) == 64
+    model, _ = full_sd21(PRESETS["base"])
+    conv = model.get_submodule("input_blocks.4.0.in_layers.2")  # 320 -> 640, 3x3
+    assert conv.lora_down.weight.shape == (128, 320, 3, 3) and conv.lora_up.weight.shape == (640, 128, 1, 1)
+    k = model.get_submodule("input_blocks.1.1.transformer_blocks.0.attn2.to_k")  # 1024 -> 320
+    assert k.lora_down.weight.shape == (205, 1024) and k.lora_up.weight.shape == (320, 205)
+
+
+def test_config_json_roundtrip():
+    for cfg in PRESETS.values():
+        assert LoRAConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+    with pytest.raises(AssertionError, match="unknown LoRA targets"):
+        LoRAConfig(targets=("attn3",))
+    with pytest.raises(AssertionError, match="rank"):
+        LoRAConfig(rank=1.5)

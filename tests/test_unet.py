@@ -1,0 +1,219 @@
+"""UNet tests. diffusers is a test-only oracle: our LDM-format state dict goes through diffusers' own
+LDM->diffusers converter, so key names, shapes and numerics are all checked against it."""
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from unet import PRESETS, UNet, UNetConfig  # noqa: E402
+
+PARITY_ATOL = 1e-4
+# tiny runs the same kernels in the same order as diffusers, so it is held to ~exact agreement: a wrong
+# GroupNorm eps in SpatialTransformer (1e-5 instead of LDM's 1e-6) shifts it by ~4e-6, under PARITY_ATOL
+TINY_ATOL = 1e-6
+
+
+def diffusers_config(cfg: UNetConfig) -> dict:
+    """UNet2DConditionModel kwargs equivalent to an LDM UNet config."""
+    chans = [cfg.model_channels * m for m in cfg.channel_mult]
+    attn = [2**i in cfg.attention_resolutions for i in range(len(chans))]
+    # diffusers' `attention_head_dim` is really the number of heads (a known misnomer)
+    heads = cfg.num_heads if cfg.num_head_channels == -1 else [c // cfg.num_head_channels for c in chans]
+    return dict(
+        sample_size=32, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        block_out_channels=chans, layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=heads, use_linear_projection=cfg.use_linear_in_transformer,
+        transformer_layers_per_block=cfg.transformer_depth, norm_num_groups=cfg.norm_groups,
+        upcast_attention=cfg.upcast_attention)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded random weights that keep activations O(1). Norm gains/biases are randomised too, so a
+    swapped norm key would show up as an output mismatch."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.normal_(generator=g)
+        if p.ndim > 1:  # conv / linear weight: unit-variance output
+            p /= p[0].numel() ** 0.5
+        elif name.endswith("weight"):  # GroupNorm / LayerNorm gain around 1
+            p.mul_(0.1).add_(1.0)
+        else:
+            p.mul_(0.1)
+    return model
+
+
+def ours_on_meta(cfg: UNetConfig) -> UNet:
+    with torch.device("meta"):
+        return UNet(cfg)
+
+
+def random_ours(cfg: UNetConfig, seed: int = 0) -> UNet:
+    model = ours_on_meta(cfg).to_empty(device="cpu")
+    return randomize(model, seed).eval()
+
+
+def to_diffusers(ours: UNet):
+    """Our weights -> LDM checkpoint layout -> diffusers' converter -> strict load (tensors shared)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = diffusers_config(ours.cfg)
+    ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(ldm, config)
+    assert len(converted) == len(ldm), "diffusers' converter did not consume every key"
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(converted, strict=True, assign=True)
+    assert not any(t.is_meta for t in [*ref.parameters(), *ref.buffers()])
+    return ref.eval()
+
+
+def check_parity(cfg: UNetConfig, size: int, atol: float):
+    torch.manual_seed(0)
+    ours = random_ours(cfg)
+    ref = to_diffusers(ours)
+    x = torch.randn(2, cfg.in_channels, size, size)
+    t = torch.tensor([999.0, 412.37])
+    ctx = torch.randn(2, 77, cfg.context_dim)
+    with torch.no_grad():
+        out = ours(x, t, ctx)
+        expected = ref(x, t, encoder_hidden_states=ctx).sample
+    assert 0.1 < expected.std() < 10, f"random weights give outputs of std {expected.std():.3g}, not O(1)"
+    diff = (out - expected).abs().max().item()
+    print(f"max abs diff vs diffusers: {diff:.3g} (output std {expected.std():.3g})")
+    assert diff <= atol, f"max abs diff {diff:.3g} > atol {atol} vs diffusers"
+
+
+# ---- full-size SD: keys, shapes, parity -------------------------------------------------------
+
+KNOWN_SHAPES = {  # from the original SD checkpoints (prefix model.diffusion_model. stripped)
+    "sd15": {
+        "time_embed.0.weight": (1280, 320), "time_embed.2.weight": (1280, 1280),
+        "input_blocks.0.0.weight": (320, 4, 3, 3), "input_blocks.1.0.in_layers.0.weight": (320,),
+        "input_blocks.1.0.emb_layers.1.weight": (320, 1280), "input_blocks.1.0.out_layers.3.weight": (320, 320, 3, 3),
+        "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1), "input_blocks.1.1.norm.weight": (320,),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
+        "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight": (320, 1280),
+        "input_blocks.1.1.transformer_blocks.0.norm3.bias": (320,),
+        "input_blocks.3.0.op.weight": (320, 320, 3, 3), "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "middle_block.1.transformer_blocks.0.attn1.to_out.0.weight": (1280, 1280),
+        "middle_block.2.out_layers.3.bias": (1280,), "output_blocks.0.0.skip_connection.weight": (1280, 2560, 1, 1),
+        "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3), "output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+        "output_blocks.11.1.proj_out.weight": (320, 320, 1, 1), "out.0.weight": (320,), "out.2.weight": (4, 320, 3, 3),
+    },
+    "sd21": {
+        "time_embed.0.weight": (1280, 320), "input_blocks.1.1.proj_in.weight": (320, 320),
+        "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+        "middle_block.1.proj_out.weight": (1280, 1280), "output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "out.2.weight": (4, 320, 3, 3),
+    },
+}
+PARAM_COUNTS = {"sd15": 859_520_964, "sd21": 865_910_724}
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_keys_match_ldm_checkpoint(preset):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ours = ours_on_meta(PRESETS[preset])
+    sd = ours.state_dict()
+    for key, shape in KNOWN_SHAPES[preset].items():
+        assert tuple(sd[key].shape) == shape, key
+    assert sum(p.numel() for p in ours.parameters()) == PARAM_COUNTS[preset]
+    # diffusers' converter must map every one of our keys onto exactly its model's keys and shapes
+    config = diffusers_config(PRESETS[preset])
+    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in sd.items()}, config)
+    with torch.device("meta"):
+        ref_sd = UNet2DConditionModel(**config).state_dict()
+    assert len(converted) == len(sd)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sd15", "sd21"])
+def test_parity_full(preset):
+    check_parity(PRESETS[preset], size=32, atol=PARITY_ATOL)
+
+
+# ---- tiny config: fast checks of the same code path --------------------------------------------
+
+TINY = PRESETS["tiny"]
+
+
+def test_parity_tiny():
+    check_parity(TINY, size=16, atol=TINY_ATOL)
+
+
+def test_tiny_shapes_and_sizes():
+    model = random_ours(TINY)
+    with torch.no_grad():
+        for shape in [(2, 4, 16, 16), (1, 4, 8, 24)]:
+            assert model(torch.randn(shape), torch.tensor([10.0] * shape[0]), torch.randn(shape[0], 77, 128)).shape == shape
+
+
+def test_fractional_and_scalar_t():
+    model = random_ours(TINY)
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 128)
+    f = lambda t: model(x, t, ctx)  # noqa: E731
+    with torch.no_grad():
+        base = f(torch.tensor([412.37, 412.37]))
+        near = (f(torch.tensor([412.371, 412.371])) - base).abs().max()
+        far = (f(torch.tensor([413.37, 413.37])) - base).abs().max()
+        assert 0 < near < far / 100, (near, far)  # fractional t is used, and continuously
+        assert torch.equal(f(torch.tensor(412.37)), base)  # 0-d t broadcasts over the batch
+        assert torch.equal(f(412.37), base)
+
+
+def test_in_channels_8():
+    model = random_ours(replace(TINY, in_channels=8))
+    assert model.input_blocks[0][0].weight.shape == (32, 8, 3, 3)
+    with torch.no_grad():
+        assert model(torch.randn(2, 8, 16, 16), torch.tensor([1.0, 2.0]), torch.randn(2, 77, 128)).shape == (2, 4, 16, 16)
+
+
+def test_grad_checkpointing_same_gradients():
+    model = random_ours(TINY).train()
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([3.0, 700.5]), torch.randn(2, 77, 128)
+
+    def grads(ckpt: bool):
+        model.grad_checkpointing = ckpt
+        model.zero_grad(set_to_none=True)
+        model(x, t, ctx).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_meta_construction_and_config_json():
+    model = ours_on_meta(TINY)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    assert not any(p.is_meta for p in model.parameters())
+    for cfg in PRESETS.values():
+        assert UNetConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+
+
+def test_channels_last_and_upcast_match():
+    model = random_ours(TINY)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        base = model(x, t, ctx)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, ctx)
+        torch.testing.assert_close(cl, base, rtol=0, atol=1e-5)
+        up = UNet(replace(TINY, upcast_attention=True))
+        up.load_state_dict(model.state_dict())
+        torch.testing.assert_close(up.eval()(x, t, ctx), base, rtol=0, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert up(x, t, ctx).isfinite().all()
