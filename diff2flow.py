@@ -212,6 +212,30 @@ class FlowModel(nn.Module):
         return v.to(x_fm.dtype)
 
 
+class NaiveVelocity(nn.Module):
+    """A naively FM-fine-tuned UNet (see naive_fm_loss): its output IS the velocity, its timestep is
+    t_FM itself (time="fm") or (1 - t_FM)(T - 1) (time="dm_direction")."""
+
+    def __init__(self, unet, T: int, time: str = "fm"):
+        super().__init__()
+        self.unet, self.T, self.dm_direction = unet, T, time == "dm_direction"
+
+    def forward(self, x, t, context=None):
+        t = _per_sample(t, x)
+        return unet_call(self.unet, x, (1 - t) * (self.T - 1) if self.dm_direction else t, context).to(x.dtype)
+
+
+def velocity_model(unet, alphas_cumprod, prediction, objective):
+    """The velocity v(x_t, t, context) that the samplers integrate, for a UNet trained with `objective`:
+    diffusion (zero-shot) and diff2flow (fine-tuned) read the UNet through the same conversions."""
+    if objective in ("diffusion", "diff2flow"):
+        device = next(unet.parameters()).device  # the float64 schedule lives beside the UNet
+        return FlowModel(unet, torch.as_tensor(alphas_cumprod).to(device), prediction)
+    if objective in ("fm", "fm_dm_direction"):
+        return NaiveVelocity(unet, len(alphas_cumprod), "fm" if objective == "fm" else "dm_direction")
+    raise ValueError(f"unknown objective {objective!r}: expected diffusion, diff2flow, fm or fm_dm_direction")
+
+
 # ------------------------------------------------------------------------------------- training
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -195,8 +195,11 @@ def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, base: str = "", **ex
 
 def load_lora(model: nn.Module, path: str) -> LoRAConfig:
     """Apply the saved config to a base model, then load exactly the saved LoRA/fully trained tensors."""
-    with safe_open(path, "pt") as f:
-        cfg = LoRAConfig(**json.loads(f.metadata()["lora_config"]))
+    try:
+        with safe_open(path, "pt") as f:
+            cfg = LoRAConfig(**json.loads((f.metadata() or {})["lora_config"]))
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a LoRA .safetensors written by lora.save_lora ({type(e).__name__})") from None
     apply_lora(model, cfg)
     load_exact(model, load_file(path), lora_state_dict(model).keys(), f"LoRA file {path}")
     return cfg

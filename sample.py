@@ -14,15 +14,12 @@ import os
 import re
 
 import torch
-import torch.nn as nn
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 
 import diff2flow
 import lora
 import sd
-from diff2flow import FlowModel, unet_call
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo", "d2f_tiny.safetensors")
 SAMPLERS = {"euler": diff2flow.sample_euler, "heun": diff2flow.sample_heun, "ddim": diff2flow.sample_ddim}
@@ -46,7 +43,8 @@ parser.add_argument("--height", type=int, help="pixels (default: metadata 'resol
 parser.add_argument("--width", type=int, help="pixels (default: the native size, as for --height)")
 parser.add_argument("--prediction", choices=["eps", "v"], help="override eps/v for original files that do not say")
 parser.add_argument("--out", default="out", help="output folder; numbering continues after existing files")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 parser.add_argument("--dtype", choices=DTYPES, help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
 parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (the first batch compiles)")
 
@@ -54,38 +52,6 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the UN
 def fail(msg):
     """One-line error and exit status 2, like argparse's but without the (long) usage text."""
     parser.exit(2, f"{parser.prog}: error: {msg}\n")
-
-
-class NaiveVelocity(nn.Module):
-    """A naively FM-fine-tuned UNet (diff2flow.naive_fm_loss): its output IS the velocity, its timestep is
-    t_FM itself ("fm") or (1 - t_FM)(T - 1) ("fm_dm_direction")."""
-
-    def __init__(self, unet, T, objective):
-        super().__init__()
-        self.unet, self.T, self.dm_direction = unet, T, objective == "fm_dm_direction"
-
-    def forward(self, x, t, context=None):
-        return unet_call(self.unet, x, (1 - t) * (self.T - 1) if self.dm_direction else t, context).to(x.dtype)
-
-
-def velocity_model(bundle):
-    """The velocity v(x_t, t, context), t = 0 noise -> 1 data, that diff2flow's samplers integrate."""
-    if bundle.objective in ("diffusion", "diff2flow"):  # zero-shot or fine-tuned: the same conversions
-        device = next(bundle.unet.parameters()).device  # the float64 schedule lives beside the UNet
-        return FlowModel(bundle.unet, bundle.alphas_cumprod.to(device), bundle.prediction)
-    if bundle.objective in ("fm", "fm_dm_direction"):
-        return NaiveVelocity(bundle.unet, len(bundle.alphas_cumprod), bundle.objective)
-    raise ValueError(f"unknown objective {bundle.objective!r}: expected diffusion, diff2flow, fm or fm_dm_direction")
-
-
-def file_metadata(path):
-    """String metadata of a .safetensors (header only); a LoRA file's base fills in what it lacks."""
-    if not (str(path).endswith(".safetensors") and os.path.isfile(path)):
-        return {}
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    base = os.path.join(os.path.dirname(os.path.abspath(path)), meta.get("base_model", ""))
-    return {**file_metadata(base), **meta} if meta.get("base_model") else meta
 
 
 def read_prompts(args):
@@ -112,16 +78,14 @@ def load_model(args, dtype):
     if not args.ckpt:
         print(f"using the tiny demo model {os.path.relpath(DEMO)}; for real images pass --ckpt with SD 1.x/2.x "
               "weights (e.g. v1-5-pruned-emaonly.safetensors or a diffusers folder)")
-    if args.lora and "lora_config" not in file_metadata(args.lora):
-        fail(f"--lora {args.lora}: no such file, or not a LoRA .safetensors written by lora.save_lora")
     try:
         bundle = sd.load(ckpt, device=args.device, dtype=dtype, prediction=args.prediction)
         if args.lora:
             lora.load_lora(bundle.unet, args.lora)
             lora.merge_lora(bundle.unet)  # W += up @ down: the LoRA then costs nothing per step
-    except (sd.LoadError, OSError, KeyError) as e:
+    except (sd.LoadError, OSError, KeyError, ValueError) as e:
         fail(str(e).strip("'\""))
-    return bundle, file_metadata(ckpt)
+    return bundle
 
 
 def next_index(out):
@@ -188,7 +152,8 @@ def main(argv=None):
     check_args(args)
     prompts = read_prompts(args)
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    bundle, meta = load_model(args, dtype)
+    bundle = load_model(args, dtype)
+    meta = bundle.meta
     check_model(args, bundle)
     H, W = image_size(args, bundle, meta)
     steps = args.steps or int(meta.get("steps", 25))
@@ -198,7 +163,7 @@ def main(argv=None):
     if args.compile:
         print("compiling the UNet: the first batch is slow")
         bundle.unet = torch.compile(bundle.unet)
-    model = velocity_model(bundle)
+    model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, bundle.objective)
     contexts = [bundle.encode_prompt([p]) for p in prompts]  # (1, 77, width) each, encoded once
     uncond = bundle.encode_prompt([args.negative]) if cfg != 1 else None  # cfg 1: no unconditional pass
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.n)]  # (prompt index, seed)

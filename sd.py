@@ -46,6 +46,7 @@ class SD:
     alphas_cumprod: torch.Tensor    # (T,) float64, the schedule the UNet was trained with
     objective: str = "diffusion"    # what trained the UNet: diffusion | diff2flow | fm | fm_dm_direction
     name: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)  # the file's string metadata (e.g. resolution)
 
     @torch.no_grad()
     def encode_prompt(self, prompts):
@@ -217,7 +218,7 @@ def _from_tensors(sd, meta, path, prediction, objective):
               tokenizer=clip_text.Tokenizer(pad_id=49407 if version == "sd1" else 0),
               version=version, prediction=prediction or pred,
               alphas_cumprod=abar.double() if abar is not None else sd_alphas_cumprod(),
-              objective=objective or "diffusion", name=os.path.basename(path.rstrip("/")))
+              objective=objective or "diffusion", name=os.path.basename(path.rstrip("/")), meta=meta)
 
 
 # ----------------------------------------------------------------------------- diffusers folders
@@ -409,8 +410,9 @@ def _load_lora_file(path, tensors, meta, device, dtype, prediction, objective):
               objective or meta.get("objective"))
     lora.load_lora(sd.unet, path)
     lora.merge_lora(sd.unet)
-    sd.name = os.path.basename(path)
-    sd.unet.to(device)
+    sd.name, sd.meta = os.path.basename(path), {**sd.meta, **meta}
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        m.to(device)
     return sd
 
 

@@ -2,15 +2,18 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import diff2flow
 import lora
 import sample
 import sd
+import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,14 +122,28 @@ def test_velocity_model_objectives():
     torch.manual_seed(0)
     bundle = sd.create()
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([0.25, 0.75]), torch.randn(2, 77, 128)
-    assert isinstance(sample.velocity_model(bundle), sample.FlowModel)
-    bundle.objective = "fm_dm_direction"
+    model = lambda objective: diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, "v", objective)
+    assert isinstance(model("diff2flow"), diff2flow.FlowModel)
     with torch.no_grad():
-        v, want = sample.velocity_model(bundle)(x, t, ctx), bundle.unet(x, (1 - t) * 999, ctx)
-    torch.testing.assert_close(v, want, msg="fm_dm_direction: UNet output at timestep (1 - t)(T - 1)")
-    bundle.objective = "x0"
+        v, want = model("fm_dm_direction")(x, t, ctx), bundle.unet(x, (1 - t) * 999, ctx)
+        torch.testing.assert_close(v, want, msg="fm_dm_direction: UNet output at timestep (1 - t)(T - 1)")
+        torch.testing.assert_close(model("fm")(x, t, ctx), bundle.unet(x, t, ctx), msg="fm: timestep t_fm")
     with pytest.raises(ValueError, match="unknown objective"):
-        sample.velocity_model(bundle)
+        model("x0")
+
+
+def test_native_size():
+    """Metadata 'resolution', else 768 for SD2 v-prediction and 512 otherwise; real SD needs multiples of 64."""
+    args = sample.parser.parse_args(["--prompt", "x"])
+    real = lambda version, prediction: SimpleNamespace(version=version, prediction=prediction,
+                                                        vae=SimpleNamespace(downsample=8),
+                                                        unet=SimpleNamespace(cfg=unet.PRESETS["sd15"]))
+    assert sample.image_size(args, real("sd1", "eps"), {}) == (512, 512)
+    assert sample.image_size(args, real("sd2", "eps"), {}) == (512, 512)
+    assert sample.image_size(args, real("sd2", "v"), {}) == (768, 768)
+    assert sample.image_size(args, real("sd2", "v"), {"resolution": "256"}) == (256, 256)
+    args = sample.parser.parse_args(["--prompt", "x", "--height", "640"])
+    assert sample.image_size(args, real("sd1", "eps"), {}) == (640, 512)
 
 
 def test_lora(ckpts, tmp_path):
@@ -159,4 +176,5 @@ def test_errors(ckpts, tmp_path, capsys):
     assert "multiple of 16" in error_of(capsys, [*base, "--prompt", "x", "--height", "40"])  # VAE 4 x UNet 4
     assert "--steps must be >= 1" in error_of(capsys, [*base, "--prompt", "x", "--steps", "0"])
     assert "--n must be >= 1" in error_of(capsys, [*base, "--prompt", "x", "--n", "0"])
+    assert "not a LoRA" in error_of(capsys, [*base, "--prompt", "x", "--lora", ckpts["base"]])
     assert not os.path.exists(tmp_path / "out")
