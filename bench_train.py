@@ -1,0 +1,124 @@
+"""Training-step benchmarks (a script, not a test), on one UNet and one batch:
+
+  - time of a Diff2Flow training step vs a plain diffusion step (the paper: no extra cost; target <= 1.02),
+  - peak memory of LoRA vs full fine-tuning (each in a fresh process: on CPU the peak resident memory of the
+    training steps (Linux VmHWM, reset after loading), on CUDA the peak allocated memory).
+
+A step is forward + backward + AdamW on random latents and text context: the VAE and text encoder are the
+same for every objective (and cached with train.py --cache), so they are left out.
+
+    flock /tmp/heavy.lock python bench_train.py                                        # tiny UNet
+    flock /tmp/heavy.lock python bench_train.py --unet sd15 --channels 128 --size 32    # SD1.5 layout, narrower
+
+train_rows(args) returns bench.py rows (what, ours, reference, unit): ours/ref is the ratio asked for.
+"""
+import argparse
+import dataclasses
+import multiprocessing as mp
+import torch
+
+import diff2flow
+import lora
+from bench import best_of, print_table, random_init
+from unet import PRESETS, UNet
+
+
+def build(args, lora_preset):
+    """A randomly initialised UNet (optionally narrowed), with a LoRA preset or fully trainable, + AdamW."""
+    cfg = dataclasses.replace(PRESETS[args.unet], **({"model_channels": args.channels} if args.channels else {}))
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet = random_init(unet.to_empty(device=args.device)).train()
+    if lora_preset:
+        lora.apply_lora(unet, lora.PRESETS[lora_preset])
+    else:
+        unet.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(args.batch, cfg.in_channels, args.size, args.size, generator=g).to(args.device)
+    context = torch.randn(args.batch, 77, cfg.context_dim, generator=g).to(args.device)
+    return unet, opt, x1, context
+
+
+def step_fn(loss_fn, unet, opt, x1, context, device):
+    abar, g = diff2flow.sd_alphas_cumprod().to(device), torch.Generator(device).manual_seed(0)
+
+    def step():
+        loss_fn(unet, x1, context, abar, "v", generator=g).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step
+
+
+def rss(field="VmRSS"):
+    """Resident memory in bytes (Linux): VmRSS now, or VmHWM, its peak since the last reset_peak_rss()."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS (Linux >= 4.0)
+        f.write("5")
+
+
+def peak_memory(args, lora_preset, queue):
+    """In a fresh process: (memory with the model loaded, peak over two Diff2Flow training steps), bytes."""
+    torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    unet, opt, x1, context = build(args, lora_preset)
+    step = step_fn(diff2flow.diff2flow_loss, unet, opt, x1, context, args.device)
+    base = torch.cuda.memory_allocated() if cuda else rss()
+    torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()  # the peak of training, not of loading
+    for _ in range(2):
+        step()
+    queue.put((base, torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")))
+
+
+def measure(args, lora_preset):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=peak_memory, args=(args, lora_preset, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    return result
+
+
+def train_rows(args):
+    torch.set_num_threads(args.threads)
+    unet, opt, x1, context = build(args, args.lora)
+    shape = f"{args.unet}{f' ch{args.channels}' if args.channels else ''} {args.batch}x4x{args.size}x{args.size}"
+    steps = [step_fn(loss, unet, opt, x1, context, args.device)
+             for loss in (diff2flow.diff2flow_loss, diff2flow.diffusion_loss)]
+    d2f, dm = best_of(steps, args.repeat, args.warmup)
+    del unet, opt
+    (lora_base, lora_peak), (full_base, full_peak) = measure(args, args.lora), measure(args, None)
+    MiB = 2**20
+    return [(f"train step {shape} LoRA {args.lora}: Diff2Flow vs diffusion", d2f * 1e3, dm * 1e3, "ms"),
+            (f"train peak memory {shape}: LoRA {args.lora} vs full", lora_peak / MiB, full_peak / MiB, "MiB"),
+            ("  of which above the loaded weights", (lora_peak - lora_base) / MiB, (full_peak - full_base) / MiB,
+             "MiB")]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--unet", default="tiny", choices=list(PRESETS), help="UNet preset (default tiny)")
+    p.add_argument("--channels", type=int, help="override model_channels (e.g. 128 for a narrower sd15)")
+    p.add_argument("--size", type=int, default=16, help="latent height = width (default 16, i.e. 128 px for SD)")
+    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    p.add_argument("--lora", default="small", choices=list(lora.PRESETS), help="LoRA preset (default small)")
+    p.add_argument("--repeat", type=int, default=10, help="timed steps per objective; the best is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per objective first")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine OpenMP spin-waits distort 2-thread timings)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
+          f"best of {args.repeat} after {args.warmup} warm-up; memory: fresh process each\n")
+    print_table(train_rows(args))
+
+
+if __name__ == "__main__":
+    main()

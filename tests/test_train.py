@@ -1,0 +1,229 @@
+"""train.py on a tiny model (sd.create() presets), 32 px images, a few steps: in process via main(argv),
+and as subprocesses for the kill and the two-process (gloo DDP) tests."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import diff2flow
+import lora
+import sample
+import sd
+import train
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses: one thread, as in-process (same float sums)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A fresh tiny SD bundle (v-prediction) saved like any checkpoint, and 6 captioned 40x48 images."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    sd.save(sd.create(), str(root / "tiny.safetensors"))
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a picture number {i}")
+    return str(root / "tiny.safetensors"), str(root)
+
+
+def args(tiny, out, *extra):
+    ckpt, data = tiny
+    return ["--ckpt", ckpt, "--data", data, "--out", str(out), "--resolution", "32", "--batch-size", "2",
+            "--workers", "0", "--sample-every", "0", "--save-every", "2", "--warmup", "2", "--lr", "1e-3", *extra]
+
+
+def losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def rel(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def unet_out(unet):
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 128, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10.0, 700.0]), c)
+
+
+def test_lora_run_writes_everything_and_sample_py_loads_it(tiny, tmp_path):
+    out = tmp_path / "run"
+    final = train.main(args(tiny, out, "--lora", "small", "--steps", "4", "--sample-every", "2"))
+    assert sorted(os.listdir(out / "samples")) == [f"step_00000{i}.png" for i in (0, 2, 4)]
+    assert Image.open(out / "samples" / "step_000004.png").size == (4 * 32, 32)  # 4 fixed prompts side by side
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and set(log[0]) == {"step", "loss", "lr", "grad_norm", "time"}
+
+    # final.safetensors = base + LoRA with the EMA weights; sd.load follows the base named in its metadata
+    loaded = sd.load(final)
+    assert (loaded.objective, loaded.prediction) == ("diff2flow", "v")
+    ref = sd.load(tiny[0])
+    lora.apply_lora(ref.unet, lora.PRESETS["small"])
+    ema = torch.load(out / "ckpt.pt", weights_only=True)["ema"]["shadow"]
+    with torch.no_grad():
+        for p, e in zip([p for p in ref.unet.parameters() if p.requires_grad], ema):
+            p.copy_(e)
+    ref.unet.eval()
+    assert (unet_out(loaded.unet) - unet_out(ref.unet)).abs().max() < 1e-5, "merged LoRA != EMA weights (atol 1e-5)"
+    assert (unet_out(loaded.unet) - unet_out(sd.load(tiny[0]).unet)).abs().max() > 1e-4, "training changed nothing"
+    paths = sample.main(["--ckpt", final, "--prompt", "a picture", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert Image.open(paths[0]).size == (32, 32)  # resolution from the metadata, no flags
+
+
+@pytest.mark.parametrize("objective", [["diffusion"], ["fm", "--fm-time", "dm_direction"]], ids=["diffusion", "fm_dm"])
+def test_full_finetune_records_objective(tiny, tmp_path, objective):
+    final = train.main(args(tiny, tmp_path, "--steps", "2", "--ema", "0", "--objective", *objective))
+    loaded = sd.load(final)
+    assert loaded.objective == ("diffusion" if objective == ["diffusion"] else "fm_dm_direction")
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.unet.state_dict().items()), "final != trained weights"
+    model = diff2flow.velocity_model(loaded.unet, loaded.alphas_cumprod, loaded.prediction, loaded.objective)
+    assert isinstance(model, diff2flow.NaiveVelocity if objective[0] == "fm" else diff2flow.FlowModel)
+
+
+def test_resume_gives_the_same_losses_as_one_run(tiny, tmp_path):
+    common = ("--lora", "4", "--save-every", "2")
+    train.main(args(tiny, tmp_path / "one", *common, "--steps", "6"))
+    train.main(args(tiny, tmp_path / "two", *common, "--steps", "3"))  # stops after step 3 (saved at the end)
+    train.main(args(tiny, tmp_path / "two", *common, "--steps", "6", "--resume"))
+    assert losses(tmp_path / "two") == losses(tmp_path / "one"), "resumed run must repeat the losses exactly"
+    a, b = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "two" / "final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run must end with the same (EMA) weights exactly"
+
+
+def test_killed_run_resumes_exactly(tiny, tmp_path):
+    train.main(args(tiny, tmp_path / "ref", "--steps", "8"))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args(tiny, out, "--steps", "1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def logged():  # complete lines so far (the last one may be cut short by the kill)
+        return (out / "log.jsonl").read_text().count("\n") if os.path.exists(out / "log.jsonl") else 0
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and logged() < 3:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert 3 <= logged() < 1000, "the run must have been killed mid-run, after a checkpoint"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
+    train.main(args(tiny, out, "--steps", "8", "--resume"))
+    assert losses(out) == losses(tmp_path / "ref"), "killed + resumed must repeat the uninterrupted losses exactly"
+
+
+def test_same_global_batch_same_losses(tiny, tmp_path):
+    """Micro-batches of 1 with 2 accumulation steps see the items, noise and timesteps of one batch of 2."""
+    train.main(args(tiny, tmp_path / "b2", "--steps", "3", "--ema", "0"))
+    train.main(args(tiny, tmp_path / "acc", "--steps", "3", "--ema", "0", "--batch-size", "1", "--grad-accum", "2"))
+    assert rel(losses(tmp_path / "acc"), losses(tmp_path / "b2")) < 1e-5, "accumulation != big batch (rel 1e-5)"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one(tiny, tmp_path):
+    """torchrun-style gloo DDP, 2 CPU processes x 2 micro-steps (no_sync on the first) x batch 1, vs one process
+    x batch 4: the same items, noise and timesteps per step; DDP averages the gradients. Tolerances: losses
+    1e-5 relative (measured 8e-8: float summation order); final weights 1e-4 absolute (measured 5e-5: Adam's
+    m / sqrt(v) amplifies rounding where a gradient is near 0; 3 steps at lr 1e-3 move a weight up to 3e-3)."""
+    train.main(args(tiny, tmp_path / "one", "--steps", "3", "--lora", "4", "--batch-size", "4"))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           *args(tiny, tmp_path / "ddp", "--steps", "3", "--lora", "4", "--batch-size", "1", "--grad-accum", "2")]
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    one, ddp = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert len(ddp) == 3 and rel(ddp, one) < 1e-5, f"DDP losses {ddp} vs one process {one} (rel 1e-5)"
+    a, b = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "ddp" / "final.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, "final weights differ (atol 1e-4)"
+
+
+def test_cache_trains_like_no_cache(tiny, tmp_path):
+    train.main(args(tiny, tmp_path / "plain", "--steps", "3"))
+    train.main(args(tiny, tmp_path / "cached", "--steps", "3", "--cache"))
+    assert os.path.exists(tmp_path / "cached" / "cache.pt")
+    assert rel(losses(tmp_path / "cached"), losses(tmp_path / "plain")) < 1e-4, "cached latents/text (rel 1e-4)"
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    calls = []
+
+    def poisoned(*a, **kw):  # the real loss, but NaN from the 5th call (step 5) on
+        calls.append(1)
+        loss = train.diff2flow.diff2flow_loss(*a, **kw)
+        return loss * float("nan") if len(calls) >= 5 else loss
+    monkeypatch.setitem(train.LOSSES, "diff2flow", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=rf"loss is nan at step 5; .*last good checkpoint: {out / 'ckpt.pt'}$"):
+        train.main(args(tiny, out, "--steps", "8"))
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not os.path.exists(out / "final.safetensors")
+    monkeypatch.undo()
+    train.main(args(tiny, out, "--steps", "6", "--resume"))  # and the run goes on from there
+    assert len(losses(out)) == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resolution", "36"], "--resolution 36 must be a positive multiple of 8"),
+    (["--resolution", "40"], "--resolution 40 must be a multiple of 16 for this model"),
+    (["--lora", "huge"], "unknown --lora 'huge': use a preset (base, small)"),
+    (["--lora", "1.5"], "a rank must be an integer >= 1"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--data", "/nonexistent/folder"], "no such folder"),
+    (["--resume"], "--resume: no checkpoint"),
+])
+def test_clear_errors(tiny, tmp_path, extra, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny, tmp_path, *extra))
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.skipif(os.path.exists(train.DEMO_PRIOR), reason="the demo prior exists: it is the default --ckpt")
+def test_no_ckpt_and_no_demo_prior(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="no --ckpt given and the demo prior .*prior_tiny.safetensors is missing"):
+        train.main(args(tiny, tmp_path)[2:])
+
+
+def test_resume_refuses_other_settings_and_fresh_run_refuses_to_overwrite(tiny, tmp_path):
+    train.main(args(tiny, tmp_path, "--steps", "1"))
+    with pytest.raises(SystemExit, match="ckpt.pt exists: pass --resume"):
+        train.main(args(tiny, tmp_path, "--steps", "1"))
+    with pytest.raises(SystemExit, match=r"trained with --lr 0.001 \(now 0.01\)"):
+        train.main([*args(tiny, tmp_path, "--steps", "2", "--resume"), "--lr", "1e-2"])
+
+
+def test_batch_layout_splits_the_global_batch():
+    """Step s of 2 processes x 2 micro-steps x 2 items = step s of 1 process x 8 items, as [micro][rank][item]."""
+    one = train.batch_indices(train.TrainConfig(batch_size=8, seed=1), 5, 3, 0, 1)
+    two = [train.batch_indices(train.TrainConfig(batch_size=2, grad_accum=2, seed=1), 5, 3, r, 2) for r in range(2)]
+    for _ in range(2):  # steps 3 and 4
+        assert next(one) == [i for _ in range(2) for g in two for i in next(g)]

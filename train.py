@@ -1,0 +1,522 @@
+"""Fine-tune Stable Diffusion with Diff2Flow (arXiv 2506.02221), naive flow matching or the diffusion loss.
+
+    python train.py --ckpt v1-5-pruned-emaonly.safetensors --data my_images/ --lora small --steps 2000
+    torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4      # DDP, one process per GPU
+    python train.py --ckpt ... --data ... --resume                                 # continue after a crash
+
+--data: images with same-name .txt captions, or a Hugging Face style metadata.jsonl (data.py).
+Writes under --out: ckpt.pt (everything --resume needs), final.safetensors (full weights, or a LoRA that
+names its base; sample.py reads the objective from its metadata, no flags needed), log.jsonl (one line per
+step) and samples/step_XXXXXX.png (fixed prompts, fixed seed).
+"""
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import diff2flow
+import lora
+import sd
+from data import DataError, FolderDataset, stream_indices
+
+DEMO_PRIOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo", "prior_tiny.safetensors")
+LOSSES = {  # objective name (as recorded in the checkpoint) -> loss(unet, x1, context, abar, prediction, noise, t)
+    "diffusion": diff2flow.diffusion_loss,
+    "diff2flow": diff2flow.diff2flow_loss,
+    "fm": functools.partial(diff2flow.naive_fm_loss, time="fm"),
+    "fm_dm_direction": functools.partial(diff2flow.naive_fm_loss, time="dm_direction"),
+}
+SAMPLE_STEPS, SAMPLE_CFG, SAMPLE_N = 25, 7.5, 4  # Euler steps and guidance of the sample grids (sample.py's defaults)
+
+
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class TrainConfig:
+    task: str = arg("t2i", "what to train: t2i = text-to-image fine-tuning", choices=["t2i"])
+    ckpt: str = arg("", "model to fine-tune: anything sd.load takes "
+                        "(default: the demo prior assets/demo/prior_tiny.safetensors)")
+    data: str = arg("", "folder of images + same-name .txt captions, or with a metadata.jsonl (file_name, text)")
+    out: str = arg("runs/t2i", "output folder (ckpt.pt, final.safetensors, log.jsonl, samples/)")
+    objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
+    fm_time: str = arg("fm", "--objective fm: the UNet's timestep is t_FM itself (official code) or (1 - t_FM)(T - 1)",
+                       choices=["fm", "dm_direction"])
+    t_sampling: str = arg("uniform", "FM time distribution (diff2flow, fm)", choices=["uniform", "logit_normal"])
+    prediction: str = arg(None, "eps or v: override the guess for an original SD2 file whose name does not say",
+                          choices=["eps", "v"])
+    lora: str = arg("", "LoRA: a preset (base, small), a rank (64) or a fraction (0.2) of each layer's width, "
+                        "the last two with targets conv+attn1+attn2; empty = full fine-tuning")
+    resolution: int = arg(512, "image side in pixels (shorter side resized, then center crop)")
+    batch_size: int = arg(4, "images per process and micro-step; global batch = this x grad-accum x processes")
+    grad_accum: int = arg(1, "micro-steps per optimizer step")
+    lr: float = arg(None, "peak learning rate (default: 1e-4 with --lora, 1e-5 for full fine-tuning)", type=float)
+    warmup: int = arg(100, "linear learning-rate warmup steps, then constant")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
+    ema: float = arg(0.9999, "EMA decay of the weights that are sampled and saved in final.safetensors (0 = off); "
+                             "it warms up as (1 + n) / (10 + n) so that short runs work too")
+    caption_dropout: float = arg(0.1, "fraction of captions replaced by the empty prompt (trains the CFG branch)")
+    steps: int = arg(1000, "optimizer steps in total (raise it with --resume to train on)")
+    seed: int = arg(0, "seed of the data order, noise, timesteps and caption dropout")
+    save_every: int = arg(500, "write ckpt.pt every N steps (0 = only at the end)")
+    sample_every: int = arg(500, "write a sample grid every N steps (0 = never)")
+    sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
+    cache: bool = arg(False, "encode every image (VAE latent mean) and caption once, kept in --out/cache.pt, "
+                             "then run only the UNet")
+    bf16: bool = arg(None, "bf16 autocast, fp32 master weights (default: on for CUDA)",
+                     action=argparse.BooleanOptionalAction)
+    compile: bool = arg(False, "torch.compile the UNet")
+    grad_checkpointing: bool = arg(False, "recompute UNet activations in backward: less memory, ~30%% slower")
+    workers: int = arg(2, "DataLoader processes decoding images (without --cache)")
+    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu (torchrun: cuda:LOCAL_RANK)")
+    resume: bool = arg(False, "continue from --out/ckpt.pt (weights, optimizer, EMA, step, RNG, data position)")
+
+
+# fields that must match the checkpoint on --resume (the rest, e.g. --steps, may change)
+SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
+                  "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed")
+
+
+def fail(msg):
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    for f in dataclasses.fields(TrainConfig):
+        kw = dict(f.metadata)
+        if isinstance(f.default, bool):
+            kw.setdefault("action", "store_true")
+        elif "action" not in kw:
+            kw.setdefault("type", str if f.default is None else type(f.default))
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def check_config(cfg: TrainConfig):
+    """The mistakes we can name before loading anything. Paths become absolute: they are recorded."""
+    for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("save_every", 0),
+                      ("sample_every", 0), ("workers", 0)):
+        if getattr(cfg, name) < low:
+            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
+    if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or (cfg.lr is not None and cfg.lr <= 0):
+        fail("need 0 <= --caption-dropout <= 1, 0 <= --ema < 1 and --lr > 0")
+    if cfg.resolution < 8 or cfg.resolution % 8:
+        fail(f"--resolution {cfg.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if not cfg.data:
+        fail("--data is required: a folder of images with .txt captions, or with a metadata.jsonl")
+    if not cfg.ckpt and not os.path.exists(DEMO_PRIOR):
+        fail(f"no --ckpt given and the demo prior {os.path.relpath(DEMO_PRIOR)} is missing; pass --ckpt with "
+             "an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a diffusers folder or a cached repo id")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    cfg.ckpt = cfg.ckpt or DEMO_PRIOR
+    cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a cached repo id
+    cfg.data = os.path.abspath(cfg.data)
+    cfg.lr = cfg.lr or (1e-4 if cfg.lora else 1e-5)
+    cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
+    return lora_config(cfg.lora) if cfg.lora else None
+
+
+def lora_config(spec: str):
+    if spec in lora.PRESETS:
+        return dataclasses.replace(lora.PRESETS[spec])
+    try:
+        rank = float(spec)
+    except ValueError:
+        fail(f"unknown --lora {spec!r}: use a preset ({', '.join(lora.PRESETS)}), a rank (e.g. 64) "
+             "or a fraction (e.g. 0.2)")
+    if not (0 < rank < 1 or rank == int(rank) >= 1):
+        fail(f"--lora {spec}: a rank must be an integer >= 1, a fraction must lie in (0, 1)")
+    return lora.LoRAConfig(rank=int(rank) if rank >= 1 else rank)
+
+
+def objective_name(cfg):
+    return "fm_dm_direction" if cfg.objective == "fm" and cfg.fm_time == "dm_direction" else cfg.objective
+
+
+# ----------------------------------------------------------------------------- state that survives a crash
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, flushed to disk, then renamed over `path`: a crash leaves the old file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """Every RNG a step could touch (LoRA dropout uses torch's; python/numpy for user code), as plain types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)  # weights_only loads tensors
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(), "numpy": numpy}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    random.setstate(s["python"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+class EMA:
+    """Exponential moving average of the trainable weights (fp32, beside them). The decay warms up as
+    min(decay, (1 + n) / (10 + n)): early on it follows the weights instead of averaging in the start."""
+
+    def __init__(self, params, decay):
+        self.params, self.decay, self.n = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self):
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @contextmanager
+    def applied(self):
+        """Swap the averaged weights in (to sample or save them), then back."""
+        backup = [p.detach().clone() for p in self.params]
+        torch._foreach_copy_([p.data for p in self.params], self.shadow)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_([p.data for p in self.params], backup)
+
+    def state_dict(self):
+        return {"n": self.n, "shadow": self.shadow}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        self.n = state["n"]
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)  # saved is on the CPU
+
+
+def trainable_state(unet, lora_cfg):
+    return lora.lora_state_dict(unet) if lora_cfg else unet.state_dict()
+
+
+def open_log(path, upto):
+    """log.jsonl, keeping only the lines of steps <= upto (the checkpoint's): steps redone after --resume
+    are not logged twice, and a line cut short by a kill (no newline) is dropped."""
+    lines = []
+    if upto and os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= upto]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def load_resume(cfg, path, world):
+    """The state of --out/ckpt.pt, if it was trained with the settings that decide the trajectory."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = TrainConfig(**state["config"])
+    diff = [f"--{k.replace('_', '-')} {getattr(saved, k)} (now {getattr(cfg, k)})" for k in SAME_ON_RESUME
+            if getattr(saved, k) != getattr(cfg, k)]
+    if saved.batch_size * saved.grad_accum * state["world_size"] != cfg.batch_size * cfg.grad_accum * world:
+        diff.append("another global batch (batch-size x grad-accum x processes)")
+    if diff:
+        fail(f"--resume: the checkpoint was trained with {'; '.join(diff)}; use the same settings")
+    return state
+
+
+def save_checkpoint(path, cfg, unet, lora_cfg, opt, ema, step, data_pos, ddp, master):
+    """ckpt.pt: everything --resume needs. Every process takes part (their RNG states are gathered)."""
+    world = dist.get_world_size() if ddp else 1
+    rngs = [None] * world if ddp else [rng_state()]
+    if ddp:
+        dist.all_gather_object(rngs, rng_state())
+    if master:
+        save_atomic({"model": trainable_state(unet, lora_cfg), "optimizer": opt.state_dict(),
+                     "ema": ema.state_dict() if ema else None, "step": step, "data_position": data_pos,
+                     "rng": rngs, "world_size": world, "config": dataclasses.asdict(cfg)}, path)
+
+
+# ----------------------------------------------------------------------------- data
+
+def batch_indices(cfg, n, position, rank, world):
+    """Dataset indices of this process's micro-batches, from stream position `position` on. Each step takes
+    the next G = grad_accum x world x batch_size positions, laid out as [micro-step][rank][item]: so the same
+    global batch spread over fewer or more processes sees the same items per step."""
+    G = cfg.batch_size * cfg.grad_accum * world
+    for pos in itertools.count(position, G):
+        idx = stream_indices(n, cfg.seed, pos, G)
+        for m in range(cfg.grad_accum):
+            start = (m * world + rank) * cfg.batch_size
+            yield idx[start:start + cfg.batch_size]
+
+
+@torch.no_grad()
+def encode(bundle, images, captions, amp):
+    """Images (B, 3, R, R) in [-1, 1] -> latent means (B, 4, R/8, R/8); captions -> context (B, 77, width)."""
+    with amp():
+        return bundle.vae.encode(images).float(), bundle.encode_prompt(list(captions)).float()
+
+
+def build_cache(cfg, ds, bundle, device, amp):
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    lat, ctx = [], []
+    for images, captions in tqdm(loader, desc="caching latents and text", dynamic_ncols=True):
+        z, c = encode(bundle, images.to(device), captions, amp)
+        lat.append(z.cpu())
+        ctx.append(c.cpu())
+    return torch.cat(lat), torch.cat(ctx)
+
+
+def cached_data(cfg, ds, bundle, device, amp, master, ddp):
+    """--cache: rank 0 encodes the data once into --out/cache.pt (reused while data and model are unchanged)."""
+    path = os.path.join(cfg.out, "cache.pt")
+    mtime = os.path.getmtime(cfg.ckpt) if os.path.exists(cfg.ckpt) else 0.0
+    key = {"files": ds.files, "captions": ds.captions, "resolution": cfg.resolution, "ckpt": cfg.ckpt, "mtime": mtime}
+    if master:
+        cache = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        if cache is None or cache["key"] != key:
+            latents, context = build_cache(cfg, ds, bundle, device, amp)
+            cache = {"key": key, "latents": latents, "context": context}
+            save_atomic(cache, path)
+    if ddp:
+        dist.barrier()
+        if not master:
+            cache = torch.load(path, weights_only=True)
+    return cache["latents"], cache["context"]
+
+
+def micro_batches(cfg, ds, bundle, cache, device, amp, position, rank, world):
+    """Endless (latents, context) micro-batches of this process, from the cache or decoded by workers."""
+    indices = batch_indices(cfg, len(ds), position, rank, world)
+    if cache is not None:
+        for idx in map(torch.tensor, indices):
+            yield cache[0][idx].to(device), cache[1][idx].to(device)
+    else:  # generator=: the loader must not draw from the global RNG, whose state --resume restores
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=cfg.workers,
+                                             generator=torch.Generator(), pin_memory=device.startswith("cuda"))
+        for images, captions in loader:
+            yield encode(bundle, images.to(device, non_blocking=True), captions, amp)
+
+
+def draw(cfg, objective, step, n, shape, T, device):
+    """Noise, timesteps and caption-dropout flags of the whole global step (n items) from a generator seeded
+    with (seed, step): every process draws the same numbers and keeps its slice, so N processes see what one
+    process with the same global batch sees, and a resumed run redraws exactly what it would have."""
+    g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
+    noise = torch.randn((n, *shape), generator=g, device=device)
+    if objective == "diffusion":  # integer timesteps, as SD was trained (diffusion_loss's own default)
+        t = (torch.rand(n, generator=g, device=device, dtype=torch.float64) * T).floor().clamp(max=T - 1)
+    else:
+        t = diff2flow.sample_fm_time(n, cfg.t_sampling, g, device)
+    return noise, t, torch.rand(n, generator=g, device=device) < cfg.caption_dropout
+
+
+# ----------------------------------------------------------------------------- samples and outputs
+
+@torch.no_grad()
+def sample_grid(bundle, unet, objective, context, uncond, noise, path, amp):
+    """One row of images for the fixed prompts and noise, saved atomically as PNG."""
+    model = diff2flow.velocity_model(unet, bundle.alphas_cumprod, bundle.prediction, objective)
+    unet.eval()
+    with amp():
+        z = diff2flow.sample_euler(model, noise, SAMPLE_STEPS, context, uncond, SAMPLE_CFG)
+        images = bundle.vae.decode(z.to(next(bundle.vae.parameters()).dtype)).float()
+    unet.train()
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, 3, H, W)
+    grid = images.permute(2, 0, 3, 1).flatten(1, 2)  # (H, N*W, 3): the images side by side
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(grid.numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_final(cfg, path, bundle, unet, lora_cfg, step):
+    """final.safetensors: what sample.py loads with no flags (objective + prediction + resolution in the
+    metadata). LoRA: only the trained tensors; the metadata names the base (absolute path or repo id)."""
+    extra = dict(resolution=cfg.resolution, train_steps=step, task=cfg.task)
+    if lora_cfg:
+        lora.save_lora(unet, path, lora_cfg, base=cfg.ckpt, objective=objective_name(cfg),
+                       prediction=bundle.prediction, **extra)
+    else:  # sd.save records the bundle's objective and prediction itself
+        sd.save(dataclasses.replace(bundle, unet=unet, objective=objective_name(cfg)), path, **extra)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    lora_cfg = check_config(cfg)
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun (nanoGPT style)
+    if ddp:
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(cfg.device)
+    else:
+        rank, world = 0, 1
+    try:
+        return train(cfg, lora_cfg, ddp, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(cfg, lora_cfg, ddp, rank, world):
+    master, device, objective = rank == 0, cfg.device, objective_name(cfg)
+    amp = functools.partial(torch.autocast, torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    ckpt_path, G = os.path.join(cfg.out, "ckpt.pt"), cfg.batch_size * cfg.grad_accum * world
+    state = load_resume(cfg, ckpt_path, world) if cfg.resume else None
+    if state is None and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if master:
+        os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+
+    try:
+        ds = FolderDataset(cfg.data, cfg.resolution)
+        bundle = sd.load(cfg.ckpt, device=device, prediction=cfg.prediction)
+    except (DataError, sd.LoadError) as e:
+        fail(str(e))
+    unet, f = bundle.unet, bundle.vae.downsample
+    need = f * 2 ** (len(unet.cfg.channel_mult) - 1)  # the VAE's factor x the UNet's downsamplings
+    if cfg.resolution % need:
+        fail(f"--resolution {cfg.resolution} must be a multiple of {need} for this model "
+             f"(VAE factor {f} x UNet downsampling {need // f})")
+    if any(isinstance(m, lora.LoRALayer) for m in unet.modules()):
+        fail(f"--ckpt {cfg.ckpt} is a LoRA file; train from its base model instead")
+
+    # the model: fp32 master weights; only the UNet (or its LoRA) trains
+    torch.manual_seed(cfg.seed + rank)  # LoRA's random init (DDP broadcasts rank 0's), then e.g. LoRA dropout
+    if lora_cfg:
+        lora.apply_lora(unet, lora_cfg)
+    else:
+        unet.requires_grad_(True)
+    unet.train()
+    unet.grad_checkpointing = cfg.grad_checkpointing
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
+    start, data_pos, last_good = 0, 0, "none (no checkpoint written yet)"
+    if state is not None:
+        lora.load_exact(unet, state["model"], trainable_state(unet, lora_cfg).keys(), ckpt_path)
+        opt.load_state_dict(state["optimizer"])
+        start, data_pos, last_good = state["step"], state["data_position"], ckpt_path
+    model = torch.compile(unet) if cfg.compile else unet
+    if ddp:  # the frozen VAE and text encoder stay outside: DDP would only see unused parameters there
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    ema = EMA(params, cfg.ema) if cfg.ema and master else None  # after DDP: it has broadcast rank 0's weights
+    if ema and state is not None:
+        ema.load_state_dict(state["ema"])
+    if master:
+        n_train = sum(p.numel() for p in params)
+        print(f"{objective} on {bundle.name} ({bundle.version}, {bundle.prediction}-prediction): "
+              f"{'LoRA ' + cfg.lora if lora_cfg else 'full fine-tuning'}, {n_train / 1e6:.2f}M trainable, "
+              f"{len(ds)} images, global batch {G}, {world} process(es)")
+
+    # data, and the fixed prompts + noise of the sample grids
+    empty = bundle.encode_prompt([""]).float()  # (1, 77, width): dropped captions and the CFG branch
+    prompts = list(dict.fromkeys(ds.captions))[:SAMPLE_N]
+    if cfg.sample_prompts:
+        with open(cfg.sample_prompts, encoding="utf-8") as fp:
+            prompts = [line.strip() for line in fp if line.strip()]
+        if not prompts:
+            fail(f"--sample-prompts {cfg.sample_prompts}: no prompts in it (one per line)")
+    sample_ctx = bundle.encode_prompt(prompts).float()
+    shape = (bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f)
+    sample_noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    cache = cached_data(cfg, ds, bundle, device, amp, master, ddp) if cfg.cache else None
+    if cache is not None:  # every context is computed now: the text encoder and VAE encoder can leave the GPU
+        bundle.text_encoder.to("cpu"), bundle.vae.encoder.to("cpu")
+    batches = micro_batches(cfg, ds, bundle, cache, device, amp, data_pos, rank, world)
+
+    if master:
+        log = open_log(os.path.join(cfg.out, "log.jsonl"), start)
+        if state is None and cfg.sample_every:
+            sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise,
+                        os.path.join(cfg.out, "samples", "step_000000.png"), amp)
+    if state is not None:
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    abar, loss_fn = bundle.alphas_cumprod.to(device), LOSSES[objective]
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
+    for step in bar:  # `step` optimizer steps are done; this is step + 1
+        t0 = time.time()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        noise, t, drop = draw(cfg, objective, step, G, shape, len(abar), device)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            x1, context = next(batches)
+            i = slice((m * world + rank) * cfg.batch_size, (m * world + rank + 1) * cfg.batch_size)
+            context = torch.where(drop[i, None, None], empty, context)
+            if ddp:  # all-reduce the gradients only once, after the last micro-step
+                model.require_backward_grad_sync = m == cfg.grad_accum - 1
+            with amp():
+                loss = loss_fn(model, x1, context, abar, bundle.prediction, noise=noise[i], t=t[i])
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        if ddp:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf")).item()
+        loss_val = loss_sum.item()
+        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+            what = f"loss is {loss_val}" if not math.isfinite(loss_val) else f"gradient norm is {grad_norm}"
+            bar.close()
+            fail(f"{what} at step {step + 1}; stopped without updating the weights; last good checkpoint: {last_good}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema:
+            ema.update()
+        done = step + 1
+
+        if master:
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+            log.write(json.dumps({"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                                  "time": time.time() - t0}) + "\n")
+            log.flush()
+        if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
+            save_checkpoint(ckpt_path, cfg, unet, lora_cfg, opt, ema, done, data_pos + (done - start) * G, ddp, master)
+            last_good = ckpt_path
+        if master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+            with ema.applied() if ema else nullcontext():
+                sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise,
+                            os.path.join(cfg.out, "samples", f"step_{done:06d}.png"), amp)
+    bar.close()
+
+    final = os.path.join(cfg.out, "final.safetensors")
+    if master:
+        log.close()
+        with ema.applied() if ema else nullcontext():
+            save_final(cfg, final, bundle, unet, lora_cfg, cfg.steps)
+        print(f"wrote {final} ({objective}{', LoRA ' + cfg.lora if lora_cfg else ''}); "
+              f"try: python sample.py --ckpt {final} --prompt {json.dumps(prompts[0] if prompts else '')}")
+    return final
+
+
+if __name__ == "__main__":
+    main()
