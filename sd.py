@@ -392,28 +392,53 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
         tensors, meta = read_tensors(path, dtype)
         if "lora_config" in meta:  # a LoRA file names its base; load that, then add the LoRA
             return _load_lora_file(path, tensors, meta, device, dtype, prediction, objective)
+        if meta.get("base_model"):  # a UNet-only file (save(..., base=...)): VAE and text from the base
+            return _load_unet_file(path, tensors, meta, device, dtype, prediction, objective)
         sd = _from_tensors(tensors, meta, path, prediction, objective)
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.to(device)
     return sd
 
 
-def _load_lora_file(path, tensors, meta, device, dtype, prediction, objective):
-    """A LoRA .safetensors written by lora.save_lora: its metadata names the base checkpoint (a path,
-    relative to the LoRA file, or a repo id) and what trained it. The LoRA is merged for speed."""
-    import lora
+def _load_base(path, meta, dtype, prediction, objective):
+    """The base a LoRA or UNet-only file names: a path relative to that file, an absolute path or a repo id."""
     base = meta.get("base_model", "")
     if not base:
         raise LoadError(f"{path}: a LoRA file without a base model in its metadata; load the base and use lora.load_lora")
     local = os.path.join(os.path.dirname(os.path.abspath(path)), base)
-    sd = load(local if os.path.exists(local) else base, "cpu", dtype, prediction or meta.get("prediction"),
-              objective or meta.get("objective"))
-    lora.load_lora(sd.unet, path)
-    lora.merge_lora(sd.unet)
+    try:
+        return load(local if os.path.exists(local) else base, "cpu", dtype, prediction or meta.get("prediction"),
+                    objective or meta.get("objective"))
+    except LoadError as e:
+        raise LoadError(f"{path}: cannot load the base model its metadata names ({e})") from None
+
+
+def _finish(sd, path, meta, device):
     sd.name, sd.meta = os.path.basename(path), {**sd.meta, **meta}
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.to(device)
     return sd
+
+
+def _load_unet_file(path, tensors, meta, device, dtype, prediction, objective):
+    """A fine-tuned UNet saved beside the base it came from (save(..., base=...)): the VAE and the text
+    encoder are the base's, so the file holds only what training changed."""
+    sd = _load_base(path, meta, dtype, prediction, objective)
+    ucfg = unet_mod.UNetConfig(**json.loads(meta["unet_config"]))
+    sd.unet = _build(unet_mod.UNet, ucfg, _strip(tensors, PREFIX["unet"]), "UNet", path)
+    sd.objective = objective or meta.get("objective", sd.objective)
+    sd.prediction = prediction or meta.get("prediction", sd.prediction)
+    return _finish(sd, path, meta, device)
+
+
+def _load_lora_file(path, tensors, meta, device, dtype, prediction, objective):
+    """A LoRA .safetensors written by lora.save_lora: its metadata names the base checkpoint (a path,
+    relative to the LoRA file, or a repo id) and what trained it. The LoRA is merged for speed."""
+    import lora
+    sd = _load_base(path, meta, dtype, prediction, objective)
+    lora.load_lora(sd.unet, path)
+    lora.merge_lora(sd.unet)
+    return _finish(sd, path, meta, device)
 
 
 def state_dict(sd):
@@ -434,11 +459,16 @@ def metadata(sd, **extra):
     return meta
 
 
-def save(sd, path, dtype=None, **extra):
-    """Write the bundle as one original-layout .safetensors or .ckpt, atomically (temp file + rename)."""
+def save(sd, path, dtype=None, base=None, **extra):
+    """Write the bundle as one original-layout .safetensors or .ckpt, atomically (temp file + rename).
+
+    base: the checkpoint this one was fine-tuned from (a path relative to `path`, absolute, or a repo
+    id). Then only the UNet is written and load() takes the VAE and text encoder from the base."""
     from safetensors.torch import save_file
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() and k != "alphas_cumprod" else v).contiguous().cpu()
-               for k, v in state_dict(sd).items()}
+               for k, v in state_dict(sd).items() if not base or k.startswith(PREFIX["unet"])}
+    if base:
+        extra["base_model"] = base
     tmp = f"{path}.tmp{os.getpid()}"
     if path.endswith(".safetensors"):
         save_file(tensors, tmp, metadata=metadata(sd, **extra))

@@ -295,3 +295,19 @@ def test_lora_file_loads_its_base(tmp_path):
         want = base.unet(x, t, ctx)
         assert (b.unet(x, t, ctx) - want).abs().max() < 1e-5
         assert (plain.unet(x, t, ctx) - want).abs().max() > 1e-3
+
+
+def test_unet_only_file_takes_vae_and_text_from_its_base(tmp_path):
+    base = random_bundle(seed=3)
+    sd.save(base, str(tmp_path / "base.safetensors"))
+    tuned = random_bundle(seed=3)
+    randomize(tuned.unet, seed=99)
+    tuned.objective = "diff2flow"
+    sd.save(tuned, str(tmp_path / "unet.safetensors"), base="base.safetensors", resolution=32)
+    tensors, meta = sd.read_safetensors(str(tmp_path / "unet.safetensors"))
+    assert all(k.startswith(sd.PREFIX["unet"]) for k in tensors)  # only what training changed
+    b = sd.load(str(tmp_path / "unet.safetensors"))
+    assert same_state(b.unet, tuned.unet) and same_state(b.vae, base.vae) and same_state(b.text_encoder, base.text_encoder)
+    assert b.objective == "diff2flow" and b.meta["resolution"] == "32"
+    (tmp_path / "base.safetensors").unlink()
+    one_line_error(tmp_path / "unet.safetensors", "base.safetensors")
