@@ -98,7 +98,8 @@ def all_attributes():
 
 def caption(attrs: Attributes) -> str:
     article = "an" if attrs.background[0] in "aeiou" else "a"  # "on an orange background"
-    return f"a {attrs.size} {attrs.color} {attrs.shape} at the {attrs.position} on {article} {attrs.background} background"
+    return (f"a {attrs.size} {attrs.color} {attrs.shape} at the {attrs.position} "
+            f"on {article} {attrs.background} background")
 
 
 def _alternatives(words) -> str:
@@ -214,7 +215,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(i)
         rng = item_rng(self.seed, i)
         attrs = sample_attributes(rng)
-        return dict(image=to_tensor(render(attrs, self.size, rng)), caption=caption(attrs), labels=attrs.labels())
+        image = to_tensor(render(attrs, self.size, rng))
+        return dict(image=image, caption=caption(attrs), labels=attrs.labels())
 
 
 def write_folder(path, n: int, size: int = 64, seed: int = TRAIN_SEED) -> Path:
@@ -247,8 +249,8 @@ def main():
     p.add_argument("--out", required=True, help="output folder, created if missing")
     p.add_argument("--n", type=int, default=5000, help="number of images")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (32 or 64 for the tiny models)")
-    p.add_argument("--seed", type=int, default=TRAIN_SEED,
-                   help=f"stream seed: < {HELDOUT_FROM} for training data, {VAL_SEED} validation, {TEST_SEED} test")
+    p.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"stream seed: < {HELDOUT_FROM} for "
+                   f"training data, {VAL_SEED} validation, {TEST_SEED} test")
     args = p.parse_args()
     write_folder(args.out, args.n, args.size, args.seed)
     print(json.dumps({"out": args.out, "n": args.n, "size": args.size, "seed": args.seed,

@@ -1,5 +1,8 @@
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,8 +10,8 @@ import torch
 from PIL import Image
 
 import synth
-from synth import (ATTRIBUTES, COLORS, PALETTE, VOCAB, Attributes, ShapesDataset, all_attributes, caption,
-                   parse_caption, read_folder, render, sample_attributes, write_folder)
+from synth import (ATTRIBUTES, COLORS, PALETTE, VOCAB, Attributes, ShapesDataset, all_attributes,
+                   caption, parse_caption, read_folder, render, sample_attributes, write_folder)
 
 
 def test_caption_count_and_injective():
@@ -64,7 +67,8 @@ def test_dataset_deterministic_by_seed(size):
         x, y = a[i], b[i]
         assert x["image"].shape == (3, size, size) and x["image"].dtype == torch.float32
         assert -1 <= x["image"].min() and x["image"].max() <= 1
-        assert torch.equal(x["image"], y["image"]) and x["caption"] == y["caption"] and x["labels"] == y["labels"]
+        assert torch.equal(x["image"], y["image"])
+        assert x["caption"] == y["caption"] and x["labels"] == y["labels"]
         assert parse_caption(x["caption"]).labels() == x["labels"]
     # Item i depends on (seed, i) only, not on what was read before.
     assert torch.equal(ShapesDataset(0, 8, size)[7]["image"], a[7]["image"])
@@ -115,9 +119,19 @@ def test_write_and_read_folder(tmp_path):
     data = ShapesDataset(3, 6, 32)
     assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(6)]
     for i, row in enumerate(rows):
-        assert (out / row["file_name"]).with_suffix(".txt").read_text().strip() == row["text"] == data[i]["caption"]
+        txt = (out / row["file_name"]).with_suffix(".txt").read_text().strip()
+        assert txt == row["text"] == data[i]["caption"]
         assert Image.open(out / row["file_name"]).size == (32, 32)
     images, captions = read_folder(out)
     assert captions == [r["text"] for r in rows]
     # PNG is lossless: the folder holds exactly the dataset's images.
     assert torch.equal(images, torch.stack([data[i]["image"] for i in range(6)]))
+
+
+def test_cli_writes_folder(tmp_path):
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "synth.py", "--out", str(out), "--n", "3", "--size", "32", "--seed", "5"],
+                   cwd=Path(synth.__file__).parent, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
+                                                     "00002.png", "00002.txt", "metadata.jsonl"]
+    assert read_folder(out)[1] == [ShapesDataset(5, 3, 32)[i]["caption"] for i in range(3)]
