@@ -25,13 +25,7 @@ STD = torch.linspace(0.4, 1.6, D, dtype=torch.float64)  # below and above 1: the
 ALL = [(name, pred) for name in SCHEDULES for pred in ("eps", "v")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Thousands of tiny ops: on a shared 2-core machine OpenMP spinning makes them ~100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle(alphas_cumprod, prediction, mu=MU, std=STD):

@@ -15,13 +15,7 @@ from unet import UNet
 ALL = LoRAConfig(rank=4, targets=GROUPS)  # every group, so every wrapper type and pattern is exercised
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster than two on a shared, busy machine (no spin-wait contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed=0) -> UNet:

@@ -8,13 +8,7 @@ from metrics import (attribute_accuracy, fd_score, frechet_distance, frechet_dis
                      train_classifier)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs: one thread is faster than two on a shared, busy machine (no spin-wait contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_cov(d: int, seed: int) -> torch.Tensor:
