@@ -2,7 +2,7 @@
 
 Each benchmark is a function registered with @benchmark("name"); it returns table rows
 (what, ours, reference, unit) and `--only name[,name]` selects which run. diffusers is imported only
-inside the benchmark functions: it is the yardstick, never a dependency of the core modules.
+inside this script's functions: it is the yardstick, never a dependency of the core modules.
 
     flock /tmp/heavy.lock python bench.py                 # everything, 2 threads
     flock /tmp/heavy.lock python bench.py --only unet --size 64 --batch 2 --repeat 5
@@ -74,6 +74,10 @@ def sd15_unet_pair():
 def bench_unet(args):
     ours, ref = sd15_unet_pair()
     x = torch.randn(args.batch, 4, args.size, args.size)
+    fmt = ""
+    if args.channels_last:  # both sides; ours keeps the layout through its SpatialTransformers
+        ours, ref, x = (m.to(memory_format=torch.channels_last) for m in (ours, ref, x))
+        fmt = " channels_last"
     t = torch.full((args.batch,), 500.0)
     ctx = torch.randn(args.batch, 77, 768)
     rows = []
@@ -81,7 +85,7 @@ def bench_unet(args):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             ours_s, ref_s = best_of([lambda: ours(x, t, ctx), lambda: ref(x, t, encoder_hidden_states=ctx)],
                                     args.repeat, args.warmup)
-        rows.append((f"unet sd15 fwd {args.batch}x4x{args.size}x{args.size} {precision}", ours_s * 1e3, ref_s * 1e3, "ms"))
+        rows.append((f"unet sd15 fwd {args.batch}x4x{args.size}x{args.size} {precision}{fmt}", ours_s * 1e3, ref_s * 1e3, "ms"))
     return rows
 
 
@@ -104,7 +108,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--size", type=int, default=32, help="latent height = width (default 32)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls; the best is reported (default 5)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run models and inputs in torch.channels_last memory format (both sides)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls; the best is reported (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]

@@ -140,14 +140,16 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C); a free view for channels_last input
+        # (B, C, H, W) -> (B, HW, C), copied once here (free for channels_last input): the residual adds
+        # below keep the strides of their input, so a strided h would make every LayerNorm copy instead
+        h = h.flatten(2).transpose(1, 2).contiguous()
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.transpose(1, 2).unflatten(2, (H, W))  # back to (B, C, H, W), channels_last strides, no copy
+        h = h.transpose(1, 2).unflatten(2, (H, W))  # back to (B, C, H, W): a channels_last-strided view
         if not self.linear:
             h = self.proj_out(h)
         return x + h
