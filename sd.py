@@ -383,21 +383,28 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
             path = find_in_hf_cache(path)
         else:
             raise LoadError(f"{path}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder or a cached repo id")
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "model_index.json")):
-            sd = _load_diffusers(path, dtype, prediction, objective)
-        else:
-            path = _single_file_in(path)
-    if not os.path.isdir(path):
-        tensors, meta = read_tensors(path, dtype)
-        if "lora_config" in meta:  # a LoRA file names its base; load that, then add the LoRA
-            return _load_lora_file(path, tensors, meta, device, dtype, prediction, objective)
-        if meta.get("base_model"):  # a UNet-only file (save(..., base=...)): VAE and text from the base
-            return _load_unet_file(path, tensors, meta, device, dtype, prediction, objective)
-        sd = _from_tensors(tensors, meta, path, prediction, objective)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
+        path = _single_file_in(path)
+    sd = _load_resolved(path, dtype, prediction, objective)
+    if dtype == torch.float16 and sd.version == "sd2":  # SD2's attention logits overflow fp16 (black images)
+        sd.unet.cfg.upcast_attention = True
+        for m in sd.unet.modules():
+            if hasattr(m, "upcast"):
+                m.upcast = True
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.to(device)
     return sd
+
+
+def _load_resolved(path, dtype, prediction, objective):
+    if os.path.isdir(path):
+        return _load_diffusers(path, dtype, prediction, objective)
+    tensors, meta = read_tensors(path, dtype)
+    if "lora_config" in meta:  # a LoRA file names its base; load that, then add the LoRA
+        return _load_lora_file(path, tensors, meta, dtype, prediction, objective)
+    if meta.get("base_model"):  # a UNet-only file (save(..., base=...)): VAE and text from the base
+        return _load_unet_file(path, tensors, meta, dtype, prediction, objective)
+    return _from_tensors(tensors, meta, path, prediction, objective)
 
 
 def _load_base(path, meta, dtype, prediction, objective):
@@ -413,14 +420,12 @@ def _load_base(path, meta, dtype, prediction, objective):
         raise LoadError(f"{path}: cannot load the base model its metadata names ({e})") from None
 
 
-def _finish(sd, path, meta, device):
+def _named(sd, path, meta):
     sd.name, sd.meta = os.path.basename(path), {**sd.meta, **meta}
-    for m in (sd.unet, sd.vae, sd.text_encoder):
-        m.to(device)
     return sd
 
 
-def _load_unet_file(path, tensors, meta, device, dtype, prediction, objective):
+def _load_unet_file(path, tensors, meta, dtype, prediction, objective):
     """A fine-tuned UNet saved beside the base it came from (save(..., base=...)): the VAE and the text
     encoder are the base's, so the file holds only what training changed."""
     sd = _load_base(path, meta, dtype, prediction, objective)
@@ -428,17 +433,17 @@ def _load_unet_file(path, tensors, meta, device, dtype, prediction, objective):
     sd.unet = _build(unet_mod.UNet, ucfg, _strip(tensors, PREFIX["unet"]), "UNet", path)
     sd.objective = objective or meta.get("objective", sd.objective)
     sd.prediction = prediction or meta.get("prediction", sd.prediction)
-    return _finish(sd, path, meta, device)
+    return _named(sd, path, meta)
 
 
-def _load_lora_file(path, tensors, meta, device, dtype, prediction, objective):
+def _load_lora_file(path, tensors, meta, dtype, prediction, objective):
     """A LoRA .safetensors written by lora.save_lora: its metadata names the base checkpoint (a path,
     relative to the LoRA file, or a repo id) and what trained it. The LoRA is merged for speed."""
     import lora
     sd = _load_base(path, meta, dtype, prediction, objective)
     lora.load_lora(sd.unet, path)
     lora.merge_lora(sd.unet)
-    return _finish(sd, path, meta, device)
+    return _named(sd, path, meta)
 
 
 def state_dict(sd):

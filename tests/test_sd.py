@@ -311,3 +311,13 @@ def test_unet_only_file_takes_vae_and_text_from_its_base(tmp_path):
     assert b.objective == "diff2flow" and b.meta["resolution"] == "32"
     (tmp_path / "base.safetensors").unlink()
     one_line_error(tmp_path / "unet.safetensors", "base.safetensors")
+
+
+def test_sd2_in_fp16_upcasts_attention(tmp_path):
+    """SD2's attention logits overflow fp16 (NaN/black images); loading it in fp16 turns on fp32 attention."""
+    for version, dtype, want in [("sd2", torch.float16, True), ("sd2", torch.bfloat16, False), ("sd1", torch.float16, False)]:
+        path = str(tmp_path / f"{version}.safetensors")
+        sd.save(random_bundle(version=version), path)
+        b = sd.load(path, dtype=dtype)
+        flags = {m.upcast for m in b.unet.modules() if hasattr(m, "upcast")}
+        assert flags == {want} and b.unet.cfg.upcast_attention == want, (version, dtype)
