@@ -89,8 +89,47 @@ def bench_unet(args):
     return rows
 
 
-# Later rows register here the same way: VAE decode, text encoding, sampling, training step, and
-# "load" (peak RSS of loading a checkpoint, owned by the lead).
+# Child processes for the "load" benchmark: peak RSS (ru_maxrss) is per process, so writing the file and
+# loading it must happen in fresh processes of their own.
+_WRITE = """
+import sys, torch, sd
+from bench import random_init
+b = sd.create(unet="sd15", vae="sd", text="sd1", version="sd1", prediction="eps")
+for m in (b.unet, b.vae, b.text_encoder):
+    random_init(m)
+sd.save(b, sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+"""
+_LOAD = """
+import resource, sys, torch, sd
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sd.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+"""
+
+
+@benchmark("load")
+def bench_load(args):
+    """Peak RSS of sd.load on a full-size SD1.5 single file, against the file's size (target <= 1.3x)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    rows, root = [], os.path.dirname(os.path.abspath(__file__))
+    for file_dtype, load_dtype in [("float16", "float16"), ("float32", "float32"), ("float32", "bfloat16")]:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sd15.safetensors")
+            subprocess.run([sys.executable, "-c", _WRITE, path, file_dtype], check=True, cwd=root)
+            out = subprocess.run([sys.executable, "-c", _LOAD, path, load_dtype], check=True, cwd=root,
+                                 capture_output=True, text=True).stdout.split()
+            size = os.path.getsize(path) / 2**20
+        base, peak = int(out[0]) / 1024, int(out[1]) / 1024
+        rows.append((f"load sd15 {file_dtype} file as {load_dtype}: peak RSS (python+torch {base:.0f} MiB) vs file",
+                     peak, size, "MiB"))
+    return rows
+
+
+# Later rows register here the same way: VAE decode, text encoding, sampling. Training-step rows
+# (Diff2Flow vs diffusion step time, LoRA vs full memory) are in bench_train.py.
 
 
 def print_table(rows):
