@@ -484,7 +484,7 @@ def save(sd, path, dtype=None, base=None, **extra):
 
 def create(unet="tiny", vae="tiny", text="tiny", version="sd1", prediction="v", alphas_cumprod=None):
     """A freshly initialised bundle from preset names or configs (our tiny family starts here)."""
-    pick = lambda presets, c: presets[c] if isinstance(c, str) else c
+    pick = lambda presets, c: dataclasses.replace(presets[c] if isinstance(c, str) else c)  # a copy: never mutate PRESETS
     ucfg, vcfg, tcfg = pick(unet_mod.PRESETS, unet), pick(vae_mod.PRESETS, vae), pick(clip_text.PRESETS, text)
     return SD(unet=unet_mod.UNet(ucfg), vae=vae_mod.AutoencoderKL(vcfg), text_encoder=clip_text.TextEncoder(tcfg),
               tokenizer=clip_text.Tokenizer(pad_id=49407 if version == "sd1" else 0), version=version,
