@@ -175,7 +175,10 @@ def load_exact(model: nn.Module, sd: dict, expected, what: str):
     if missing or unexpected:
         raise KeyError(f"{what}: missing keys {missing[:8]} ({len(missing)}), unexpected {unexpected[:8]} "
                        f"({len(unexpected)})")
-    model.load_state_dict(sd, strict=False)  # strict over `expected`, checked above
+    state = model.state_dict()  # shares storage with the parameters: copying into it loads them
+    with torch.no_grad():
+        for k, v in sd.items():
+            state[k].copy_(v)
 
 
 def load_base(model: nn.Module, sd: dict):
