@@ -1,5 +1,8 @@
-"""Fine-tune Stable Diffusion with Diff2Flow (arXiv 2506.02221), naive flow matching or the diffusion loss.
+"""Fine-tune Stable Diffusion with Diff2Flow (arXiv 2506.02221), naive flow matching or the diffusion loss;
+and pretrain the tiny SD family that plays SD's role in the demo and in evaluate.py.
 
+    python train.py --task t2i                  # the demo: Diff2Flow fine-tuning of the tiny prior on synth.py data
+    python train.py --task pretrain             # the tiny prior itself (VAE, then UNet + text encoder), ~20 min
     python train.py --ckpt v1-5-pruned-emaonly.safetensors --data my_images/ --lora small --steps 2000
     torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4      # DDP, one process per GPU
     python train.py --ckpt ... --data ... --resume                                 # continue after a crash
@@ -8,6 +11,20 @@
 Writes under --out: ckpt.pt (everything --resume needs), final.safetensors (full weights, or a LoRA that
 names its base; sample.py reads the objective from its metadata, no flags needed), log.jsonl (one line per
 step) and samples/step_XXXXXX.png (fixed prompts, fixed seed).
+
+Defaults depend on what is trained (flags always win): with no --ckpt, --task t2i fine-tunes the demo prior
+assets/demo/prior_tiny.safetensors on synthetic shapes (synth.py, written once to runs/data/) at its
+resolution, 32 px, full fine-tuning, --lr 2e-4, --batch-size 64, --steps 600, --cache: about 6 min on 2 cores.
+With --ckpt (real SD): 512 px, --batch-size 4, --steps 1000, --lr 1e-5 (1e-4 with --lora).
+
+--task pretrain (the recipe; --out gets vae.safetensors, prior.safetensors, log.jsonl, samples/):
+  1. tiny VAE (vae.py PRESETS["tiny"], 4x downsampling): --vae-steps of L1 + MSE reconstruction
+     + 1e-6 x KL on fresh synthetic images; then scale_factor = 1 / std of the latents (what SD's
+     0.18215 is for its VAE), so the UNet sees unit-variance latents.
+  2. tiny UNet + tiny text encoder, trained JOINTLY from scratch (a random frozen text encoder also
+     learns, but slower to follow the prompt): SD's v-prediction loss on SD's schedule, integer
+     timesteps, 10% empty captions (for CFG), on --n-images pre-encoded synthetic images, EMA weights;
+     captions lose their size / position phrase with probability 0.3 each, so that short prompts work.
 """
 import argparse
 import dataclasses
@@ -25,12 +42,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import diff2flow
 import lora
 import sd
+import synth
 from data import DataError, FolderDataset, stream_indices
 
 DEMO_PRIOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo", "prior_tiny.safetensors")
@@ -49,11 +68,13 @@ def arg(default, help, **kw):
 
 @dataclass
 class TrainConfig:
-    task: str = arg("t2i", "what to train: t2i = text-to-image fine-tuning", choices=["t2i"])
+    task: str = arg("t2i", "t2i = text-to-image fine-tuning; pretrain = the tiny SD family from scratch on "
+                           "synthetic shapes (VAE, then UNet + text encoder)", choices=["t2i", "pretrain"])
     ckpt: str = arg("", "model to fine-tune: anything sd.load takes "
                         "(default: the demo prior assets/demo/prior_tiny.safetensors)")
-    data: str = arg("", "folder of images + same-name .txt captions, or with a metadata.jsonl (file_name, text)")
-    out: str = arg("runs/t2i", "output folder (ckpt.pt, final.safetensors, log.jsonl, samples/)")
+    data: str = arg("", "folder of images + same-name .txt captions, or with a metadata.jsonl (file_name, text) "
+                        "(default with the demo prior: synthetic shapes, written once to runs/data/)")
+    out: str = arg(None, "output folder (default runs/t2i or runs/pretrain)", type=str)
     objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
     fm_time: str = arg("fm", "--objective fm: the UNet's timestep is t_FM itself (official code) or (1 - t_FM)(T - 1)",
                        choices=["fm", "dm_direction"])
@@ -62,28 +83,44 @@ class TrainConfig:
                           choices=["eps", "v"])
     lora: str = arg("", "LoRA: a preset (base, small), a rank (64) or a fraction (0.2) of each layer's width, "
                         "the last two with targets conv+attn1+attn2; empty = full fine-tuning")
-    resolution: int = arg(512, "image side in pixels (shorter side resized, then center crop)")
-    batch_size: int = arg(4, "images per process and micro-step; global batch = this x grad-accum x processes")
+    resolution: int = arg(None, "image side in pixels (shorter side resized, then center crop) "
+                                "(default: 512; the demo prior's 32; pretrain 32)", type=int)
+    batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes "
+                                "(default: 4; demo and pretrain 64)", type=int)
     grad_accum: int = arg(1, "micro-steps per optimizer step")
-    lr: float = arg(None, "peak learning rate (default: 1e-4 with --lora, 1e-5 for full fine-tuning)", type=float)
-    warmup: int = arg(100, "linear learning-rate warmup steps, then constant")
+    lr: float = arg(None, "peak learning rate (default: 1e-4 with --lora, 1e-5 for full fine-tuning; "
+                          "demo 2e-4 (LoRA 1e-3); pretrain 1e-3)", type=float)
+    warmup: int = arg(None, "linear learning-rate warmup steps, then constant (pretrain: then cosine to 10%%) "
+                            "(default: 100; demo 50)", type=int)
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
-    ema: float = arg(0.9999, "EMA decay of the weights that are sampled and saved in final.safetensors (0 = off); "
-                             "it warms up as (1 + n) / (10 + n) so that short runs work too")
+    ema: float = arg(None, "EMA decay of the weights that are sampled and saved in final.safetensors (0 = off); "
+                           "it warms up as (1 + n) / (10 + n) so that short runs work too "
+                           "(default: 0.9999; demo and pretrain 0.999)", type=float)
     caption_dropout: float = arg(0.1, "fraction of captions replaced by the empty prompt (trains the CFG branch)")
-    steps: int = arg(1000, "optimizer steps in total (raise it with --resume to train on)")
+    steps: int = arg(None, "optimizer steps in total (raise it with --resume to train on) "
+                           "(default: 1000; demo 600; pretrain: UNet steps, 1500)", type=int)
+    vae_steps: int = arg(700, "--task pretrain: VAE steps before the UNet")
+    vae: str = arg("", "--task pretrain: skip stage 1 and take the VAE of this file (e.g. an earlier run's "
+                       "vae.safetensors)")
+    n_images: int = arg(16384, "--task pretrain: synthetic training images the UNet sees (the VAE sees fresh ones)")
     seed: int = arg(0, "seed of the data order, noise, timesteps and caption dropout")
-    save_every: int = arg(500, "write ckpt.pt every N steps (0 = only at the end)")
-    sample_every: int = arg(500, "write a sample grid every N steps (0 = never)")
+    save_every: int = arg(None, "write ckpt.pt every N steps (0 = only at the end) (default: 500; demo 200)",
+                          type=int)
+    sample_every: int = arg(None, "write a sample grid every N steps (0 = never) (default: 500; demo 200)",
+                            type=int)
     sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
-    cache: bool = arg(False, "encode every image (VAE latent mean) and caption once, kept in --out/cache.pt, "
-                             "then run only the UNet")
+    cache: bool = arg(None, "encode every image (VAE latent mean) and caption once, kept in --out/cache.pt, "
+                            "then run only the UNet (default: off; on for the demo)",
+                      action=argparse.BooleanOptionalAction)
     bf16: bool = arg(None, "bf16 autocast, fp32 master weights (default: on for CUDA)",
                      action=argparse.BooleanOptionalAction)
     compile: bool = arg(False, "torch.compile the UNet")
     grad_checkpointing: bool = arg(False, "recompute UNet activations in backward: less memory, ~30%% slower")
-    workers: int = arg(2, "DataLoader processes decoding images (without --cache)")
+    workers: int = arg(None, "DataLoader processes decoding images (without --cache) (default: 2; demo 0)",
+                       type=int)
+    threads: int = arg(0, "torch CPU threads (0 = 1 on CPU: on a busy 2-core machine 2 threads can be 10x "
+                          "slower for these small models; PyTorch's default on CUDA)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu (torchrun: cuda:LOCAL_RANK)")
     resume: bool = arg(False, "continue from --out/ckpt.pt (weights, optimizer, EMA, step, RNG, data position)")
 
@@ -111,28 +148,74 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
+# defaults that depend on what is trained (None fields of TrainConfig): real SD, the demo prior, pretraining
+DEFAULTS = {
+    "sd": dict(out="runs/t2i", resolution=512, batch_size=4, warmup=100, ema=0.9999, steps=1000, save_every=500,
+               sample_every=500, cache=False, workers=2),
+    "demo": dict(out="runs/t2i", batch_size=64, warmup=50, ema=0.999, steps=600, save_every=200, sample_every=200,
+                 cache=True, workers=0),  # resolution: the prior's own
+    "pretrain": dict(out="runs/pretrain", resolution=32, batch_size=64, warmup=100, ema=0.999, steps=1500, lr=1e-3,
+                     save_every=0, sample_every=0, cache=False, workers=0),
+}
+DEMO_DATA = dict(n=4096, seed=0)  # synth.py items 0..n-1 of the training stream, written once to runs/data/
+
+
+def fill_defaults(cfg: TrainConfig):
+    """None fields <- DEFAULTS of this kind of run; the demo's resolution and data come from the prior."""
+    kind = "pretrain" if cfg.task == "pretrain" else "sd" if cfg.ckpt else "demo"
+    for k, v in DEFAULTS[kind].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if kind == "demo" and os.path.exists(DEMO_PRIOR):
+        cfg.resolution = cfg.resolution or int(file_metadata(DEMO_PRIOR).get("resolution", 32))
+        if not cfg.data:
+            cfg.data = synth_folder(cfg.resolution)
+    if cfg.lr is None:
+        cfg.lr = (1e-3 if cfg.lora else 2e-4) if kind == "demo" else 1e-4 if cfg.lora else 1e-5
+    cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(cfg.threads)
+
+
+def file_metadata(path):
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}
+
+
+def synth_folder(resolution):
+    """The demo's training data: synth.py images with captions, written once (deterministic, ~10 s)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "data",
+                        f"shapes-{resolution}px-seed{DEMO_DATA['seed']}-n{DEMO_DATA['n']}")
+    if not os.path.exists(os.path.join(path, "done")):
+        synth.write_folder(path, DEMO_DATA["n"], resolution, DEMO_DATA["seed"])
+        open(os.path.join(path, "done"), "w").close()
+    return path
+
+
 def check_config(cfg: TrainConfig):
     """The mistakes we can name before loading anything. Paths become absolute: they are recorded."""
+    if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
+        fail(f"--resolution {cfg.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if not cfg.ckpt and cfg.task == "t2i" and not os.path.exists(DEMO_PRIOR):
+        fail(f"no --ckpt given and the demo prior {os.path.relpath(DEMO_PRIOR)} is missing; pass --ckpt with "
+             "an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a diffusers folder or a cached repo id "
+             "(or make the demo: scripts/make_demo.sh)")
+    fill_defaults(cfg)
     for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("save_every", 0),
-                      ("sample_every", 0), ("workers", 0)):
+                      ("sample_every", 0), ("workers", 0), ("vae_steps", 0), ("n_images", 1)):
         if getattr(cfg, name) < low:
             fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or (cfg.lr is not None and cfg.lr <= 0):
+    if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or cfg.lr <= 0:
         fail("need 0 <= --caption-dropout <= 1, 0 <= --ema < 1 and --lr > 0")
-    if cfg.resolution < 8 or cfg.resolution % 8:
-        fail(f"--resolution {cfg.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
-    if not cfg.data:
-        fail("--data is required: a folder of images with .txt captions, or with a metadata.jsonl")
-    if not cfg.ckpt and not os.path.exists(DEMO_PRIOR):
-        fail(f"no --ckpt given and the demo prior {os.path.relpath(DEMO_PRIOR)} is missing; pass --ckpt with "
-             "an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a diffusers folder or a cached repo id")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
+    if cfg.task == "pretrain":
+        return None
+    if not cfg.data:
+        fail("--data is required: a folder of images with .txt captions, or with a metadata.jsonl")
     cfg.ckpt = cfg.ckpt or DEMO_PRIOR
     cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a cached repo id
     cfg.data = os.path.abspath(cfg.data)
-    cfg.lr = cfg.lr or (1e-4 if cfg.lora else 1e-5)
-    cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
     return lora_config(cfg.lora) if cfg.lora else None
 
 
@@ -360,8 +443,151 @@ def save_final(cfg, path, bundle, unet, lora_cfg, step):
     if lora_cfg:
         lora.save_lora(unet, path, lora_cfg, base=cfg.ckpt, objective=objective_name(cfg),
                        prediction=bundle.prediction, **extra)
-    else:  # sd.save records the bundle's objective and prediction itself
+    else:  # sd.save records the bundle's objective and prediction itself; the base's sampling defaults stay
+        extra.update({k: bundle.meta[k] for k in ("cfg", "steps") if k in bundle.meta})  # (a LoRA reads its base's)
         sd.save(dataclasses.replace(bundle, unet=unet, objective=objective_name(cfg)), path, **extra)
+
+
+# ----------------------------------------------------------------------------- --task pretrain: the tiny family
+
+PRETRAIN_PROMPTS = ["a large red circle at the center on a blue background",
+                    "a small yellow star at the top left on a black background",
+                    "a large green square at the bottom right on a white background",
+                    "a large white triangle at the center on a purple background"]
+PRETRAIN_SAMPLING = dict(steps=25, cfg=4.0)  # sample.py's defaults for the prior (metadata)
+
+
+def shapes(seed, start, n, size):
+    """Items start..start+n-1 of synth.ShapesDataset(seed): images (n, 3, size, size) in [-1, 1], captions."""
+    ds = synth.ShapesDataset(seed, start + n, size)
+    items = [ds[i] for i in range(start, start + n)]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+def cosine_lr(cfg, step, total):
+    """Linear warmup, then cosine decay to 10% of --lr: short from-scratch runs end on small steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * (0.55 + 0.45 * math.cos(math.pi * (step - cfg.warmup) / max(1, total - cfg.warmup)))
+
+
+def vae_loss(vae, x, kl_weight=1e-6):
+    """L1 + MSE reconstruction of the posterior mean + kl_weight x KL(q(z|x) || N(0, I)) per latent element
+    (LDM's tiny KL weight: the latents only need to stay bounded, not Gaussian). From the mean, not a
+    posterior sample: at init that sample's noise (std 1) buries the latent, and in a few hundred steps
+    the VAE only learned the background colour; the diffusion model uses the mean anyway (vae.encode)."""
+    mean, logvar = vae.encode_moments(x)  # (B, 4, R/f, R/f) each, unscaled
+    recon = vae.decoder(vae.post_quant_conv(mean))
+    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+    # the shape covers ~5% of the pixels: weighted 10x (pixels off the median = background colour), else the
+    # VAE spends hundreds of steps on backgrounds alone and decodes shapes as blurs
+    mask = (x - x.flatten(2).median(2).values[..., None, None]).abs().sum(1, keepdim=True) > 0.1  # (B, 1, H, W)
+    w = 1 + 9 * mask.float()
+    err = recon - x
+    return (w * (err.abs() + err**2)).mean() / w.mean() + kl_weight * kl
+
+
+VAE_LR = 2e-3
+VAE_BATCH = 32  # flat-coloured shapes: small batches reconstruct fine, and the VAE is the costlier model per image
+
+
+def pretrain_vae(cfg, vae, log):
+    """Stage 1: the VAE on a fresh batch of synthetic images every step, then its latent scale."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
+    vae.train()
+    for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)):
+        x, _ = shapes(cfg.seed, step * VAE_BATCH, VAE_BATCH, cfg.resolution)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(dataclasses.replace(cfg, lr=VAE_LR), step, cfg.vae_steps)
+        loss = vae_loss(vae, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(json.dumps({"stage": "vae", "step": step + 1, "loss": loss.item()}) + "\n")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # SD's 0.18215 is 1 / std of its VAE's latents; ours is measured the same way
+        x, _ = shapes(cfg.seed + 1, 0, 512, cfg.resolution)
+        vae.scale_factor = vae.cfg.scale_factor = 1.0 / vae.encode_moments(x)[0].std().item()
+        err = (vae.decode(vae.encode(x)) - x).abs().mean().item()
+    print(f"vae: latent scale_factor {vae.scale_factor:.4f}, reconstruction L1 {err:.4f} (images in [-1, 1])")
+
+
+def vary_caption(text, rng, keep=0.7):
+    """Drop the size and the position phrase, each with probability 1 - keep: the prior also learns short
+    prompts such as "a red circle on a blue background" (the README's first command)."""
+    a = synth.parse_caption(text)
+    size = f"{a.size} " if rng.random() < keep else ""
+    where = f" at the {a.position}" if rng.random() < keep else ""
+    return f"a {size}{a.color} {a.shape}{where} on {'an' if a.background[0] in 'aeiou' else 'a'} {a.background} background"
+
+
+@torch.no_grad()
+def encode_dataset(cfg, bundle):
+    """--n-images synthetic images -> latent means (N, 4, R/f, R/f) and caption token ids (N, 77)."""
+    latents, ids, rng = [], [], random.Random(cfg.seed)
+    for start in tqdm(range(0, cfg.n_images, 256), desc="encoding", dynamic_ncols=True):
+        x, captions = shapes(cfg.seed, start, min(256, cfg.n_images - start), cfg.resolution)
+        latents.append(bundle.vae.encode(x))
+        ids.append(bundle.tokenizer([vary_caption(c, rng) for c in captions]))
+    return torch.cat(latents), torch.cat(ids)
+
+
+def pretrain_prior(cfg, bundle, log):
+    """Stage 2: UNet + text encoder jointly, SD's diffusion loss (v-prediction, integer timesteps)."""
+    latents, ids = encode_dataset(cfg, bundle)
+    empty = bundle.tokenizer([""])  # (1, 77): dropped captions train the unconditional branch of CFG
+    unet, text = bundle.unet.train(), bundle.text_encoder.train()
+    params = [p for m in (unet, text) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema, abar = EMA(params, cfg.ema), bundle.alphas_cumprod
+    for step in (bar := tqdm(range(cfg.steps), desc="unet + text", dynamic_ncols=True)):
+        idx = torch.tensor(stream_indices(len(latents), cfg.seed, step * cfg.batch_size, cfg.batch_size))
+        noise, t, drop = draw(cfg, "diffusion", step, len(idx), latents.shape[1:], len(abar), "cpu")
+        context = text(torch.where(drop[:, None], empty, ids[idx]))  # (B, 77, width), with gradients
+        loss = diff2flow.diffusion_loss(unet, latents[idx], context, abar, bundle.prediction, noise=noise, t=t)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg, step, cfg.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        opt.step()
+        ema.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(json.dumps({"stage": "unet", "step": step + 1, "loss": loss.item()}) + "\n")
+    torch._foreach_copy_([p.data for p in params], ema.shadow)  # keep the averaged weights
+    unet.eval().requires_grad_(False), text.eval().requires_grad_(False)
+
+
+def pretrain(cfg):
+    """--task pretrain: the tiny VAE, then the tiny prior; writes vae.safetensors and prior.safetensors."""
+    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    bundle = sd.create(unet="tiny", vae="tiny", text="tiny", prediction="v")  # SD's schedule (sd_alphas_cumprod)
+    print(f"pretraining the tiny family at {cfg.resolution} px, {cfg.threads} thread(s): VAE "
+          f"{cfg.vae or cfg.vae_steps} "
+          f"steps, then UNet + text encoder {cfg.steps} steps of {cfg.batch_size} on {cfg.n_images} images")
+    t0 = time.time()
+    with open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.vae else "w") as log:
+        if cfg.vae:  # stage 1 done before: reuse that VAE (with its scale_factor)
+            bundle.vae = sd.load(cfg.vae).vae.eval().requires_grad_(False)
+        else:
+            pretrain_vae(cfg, bundle.vae, log)
+            sd.save(bundle, os.path.join(cfg.out, "vae.safetensors"), resolution=cfg.resolution)
+        t1 = time.time()
+        pretrain_prior(cfg, bundle, log)
+    t2 = time.time()
+    final = os.path.join(cfg.out, "prior.safetensors")
+    sd.save(bundle, final, resolution=cfg.resolution, **PRETRAIN_SAMPLING, train_steps=cfg.steps,
+            vae_steps=cfg.vae_steps, vae_minutes=f"{(t1 - t0) / 60:.1f}", unet_minutes=f"{(t2 - t1) / 60:.1f}")
+    empty = bundle.encode_prompt([""])
+    noise = torch.randn((len(PRETRAIN_PROMPTS), bundle.vae.cfg.embed_dim, cfg.resolution // bundle.vae.downsample,
+                         cfg.resolution // bundle.vae.downsample), generator=torch.Generator().manual_seed(cfg.seed))
+    sample_grid(bundle, bundle.unet, "diffusion", bundle.encode_prompt(PRETRAIN_PROMPTS), empty, noise,
+                os.path.join(cfg.out, "samples", "prior.png"), nullcontext)
+    print(f"wrote {final} (VAE {(t1 - t0) / 60:.1f} min, UNet + text {(t2 - t1) / 60:.1f} min); "
+          f"try: python sample.py --ckpt {final} --prompt {json.dumps(PRETRAIN_PROMPTS[0])}")
+    return final
 
 
 # ----------------------------------------------------------------------------- main
@@ -369,6 +595,8 @@ def save_final(cfg, path, bundle, unet, lora_cfg, step):
 def main(argv=None):
     cfg = parse_args(argv)
     lora_cfg = check_config(cfg)
+    if cfg.task == "pretrain":
+        return pretrain(cfg)
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun (nanoGPT style)
     if ddp:
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")

@@ -1,0 +1,344 @@
+"""Reproduce the fine-tuning claims of Diff2Flow (arXiv 2506.02221) at toy scale, on CPU.
+
+    python evaluate.py reproduce              # RESULTS.md + results.png (the budget: <= 60 min on 2 cores)
+    python evaluate.py reproduce --quick      # the same pipeline on tiny settings, ~1 min (tests run it)
+
+The tiny prior (assets/demo/prior_tiny.safetensors: a v-prediction diffusion model trained at 32 px, playing
+SD's role) is fine-tuned to twice its resolution, 64 px, with {diffusion, naive FM, Diff2Flow} x {full, LoRA}
+through train.py, all with the same data, steps, learning rate and seeds. Measured (synth.py data, metrics.py):
+
+  FM validation loss   E || v(x_t, t) - (x_1 - x_0) ||^2 on held-out latents, fixed noise and t, every model
+                       read as the velocity its sampler integrates (diff2flow.velocity_model), along training
+  FD                   Frechet distance of the attribute classifier's features, generated vs held-out real
+                       images (FID analogue; lower is better), at several sampling step counts (Euler)
+  accuracy             fraction of prompt attributes the classifier finds in the image (CLIP-score analogue)
+  floors               the same metrics on real held-out images and on their VAE reconstructions
+  zero-shot            the prior sampled as a flow through the Diff2Flow conversion vs DDIM, same step counts
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import default_collate
+
+import diff2flow
+import metrics
+import sd
+import synth
+import train
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OBJECTIVES = ("diffusion", "fm", "diff2flow")
+NAMES = {"diffusion": "diffusion", "fm": "naive FM", "diff2flow": "Diff2Flow"}
+
+
+@dataclass
+class Setup:
+    prior: str = train.DEMO_PRIOR
+    out: str = "runs/reproduce"
+    results: str = ROOT  # where RESULTS.md and results.png go
+    resolution: int = 64  # the prior's 32 px x 2: the paper's resolution-adaptation setting
+    n_train: int = 2048
+    checkpoints: tuple = (100, 250, 500)  # training steps where models are measured; the last is the end
+    batch_size: int = 32
+    lr_full: float = 2e-4
+    lr_lora: float = 1e-3  # LoRA's usual 10x (train.py's default ratio)
+    lora: str = "base"  # the paper's LoRA: 20% of each layer's width on conv, proj, attn1, attn2
+    n_eval: int = 256  # generated and real images per FD / accuracy number
+    n_val: int = 256  # held-out latents of the FM validation loss
+    sample_steps: tuple = (1, 2, 4, 8)
+    cfg: float = 4.0
+    classifier_steps: int = 1500
+    seed: int = 0
+
+
+QUICK = dict(out="runs/reproduce-quick", n_train=16, checkpoints=(1, 2), batch_size=4, n_eval=8, n_val=8,
+             sample_steps=(1, 2), classifier_steps=20)
+
+
+# ---------------------------------------------------------------------------------- measurements
+
+
+def held_out(setup, bundle):
+    """Validation latents + contexts (FM loss); test images + captions + labels (FD, accuracy)."""
+    val, val_caps = train.shapes(synth.VAL_SEED, 0, setup.n_val, setup.resolution)
+    test, test_caps = train.shapes(synth.TEST_SEED, 0, setup.n_eval, setup.resolution)
+    labels = default_collate([synth.parse_caption(c).labels() for c in test_caps])
+    with torch.no_grad():
+        return dict(x1=bundle.vae.encode(val), val_ctx=bundle.encode_prompt(val_caps), test=test,
+                    test_ctx=bundle.encode_prompt(test_caps), labels=labels)
+
+
+@torch.no_grad()
+def fm_val_loss(model, data, seed):
+    """FM loss at fixed noise and stratified t (one per item, (k + 0.5) / n): comparable across models."""
+    x1 = data["x1"]
+    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    t = (torch.randperm(len(x1), generator=torch.Generator().manual_seed(seed)) + 0.5) / len(x1)
+    return sum(diff2flow.fm_loss(model, x1[i:i + 64], noise[i:i + 64], t[i:i + 64], data["val_ctx"][i:i + 64]).item()
+               * len(x1[i:i + 64]) for i in range(0, len(x1), 64)) / len(x1)
+
+
+@torch.no_grad()
+def generate(bundle, model, data, steps, cfg, seed, sampler=diff2flow.sample_euler):
+    """One image per test caption, (N, 3, R, R) in [-1, 1]; fixed noise per image."""
+    n, f = len(data["test"]), bundle.vae.downsample
+    shape = (n, bundle.vae.cfg.embed_dim, data["test"].shape[-2] // f, data["test"].shape[-1] // f)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    uncond, images = bundle.encode_prompt([""]), []
+    for i in range(0, n, 64):
+        z = sampler(model, noise[i:i + 64], steps, data["test_ctx"][i:i + 64], uncond, cfg)
+        images.append(bundle.vae.decode(z).clamp(-1, 1))
+    return torch.cat(images)
+
+
+def image_scores(classifier, images, data):
+    acc = metrics.attribute_accuracy(classifier, images, data["labels"])
+    return {"fd": metrics.fd_score(classifier, images, data["test"]), "acc": acc["mean"]}
+
+
+def measure(bundle, objective, data, classifier, setup, samples=True, sampler="euler"):
+    """FM validation loss, and FD + accuracy at every sampling step count, of one model."""
+    model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, objective)
+    out = {"fm_loss": fm_val_loss(model, data, setup.seed)}
+    if samples:
+        fn = diff2flow.sample_ddim if sampler == "ddim" else diff2flow.sample_euler
+        out["samples"] = {s: image_scores(classifier, generate(bundle, model, data, s, setup.cfg, setup.seed, fn), data)
+                          for s in setup.sample_steps}
+    return out
+
+
+def floors(bundle, data, classifier, setup):
+    """What no model can beat here: real held-out images (another draw), and the VAE's reconstructions."""
+    val, _ = train.shapes(synth.VAL_SEED, 0, setup.n_eval, setup.resolution)
+    with torch.no_grad():
+        recon = bundle.vae.decode(bundle.vae.encode(data["test"])).clamp(-1, 1)
+    return {"real": {"fd": metrics.fd_score(classifier, val, data["test"]),
+                     "acc": metrics.attribute_accuracy(classifier, data["test"], data["labels"])["mean"]},
+            "vae": image_scores(classifier, recon, data)}
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def run_args(setup, objective, lora, out, data):
+    return ["--ckpt", setup.prior, "--data", data, "--out", out, "--objective", objective,
+            "--resolution", str(setup.resolution), "--batch-size", str(setup.batch_size),
+            "--lr", str(setup.lr_lora if lora else setup.lr_full), "--warmup", "20", "--ema", "0.999",
+            "--cache", "--workers", "0", "--sample-every", "0", "--save-every", "0", "--seed", str(setup.seed),
+            *(["--lora", setup.lora] if lora else [])]
+
+
+def fine_tune(setup, objective, lora, data_dir, data, classifier):
+    """train.py to each checkpoint in turn (--resume), measuring the saved EMA model at each."""
+    out = os.path.join(setup.out, f"{objective}-{'lora' if lora else 'full'}")
+    if os.path.exists(out):  # a fresh run every time: the numbers must come from this setup
+        for name in ("ckpt.pt", "log.jsonl"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    curve, t0 = {}, time.time()
+    for i, steps in enumerate(setup.checkpoints):
+        final = train.main(run_args(setup, objective, lora, out, data_dir) + ["--steps", str(steps)]
+                           + (["--resume"] if i else []))
+        last = steps == setup.checkpoints[-1]
+        curve[steps] = measure(sd.load(final), objective, data, classifier, setup, samples=last)
+    return {"curve": curve, "minutes": (time.time() - t0) / 60}
+
+
+def get_classifier(setup):
+    path = os.path.join(setup.out, f"classifier32-{setup.classifier_steps}.safetensors")
+    if not os.path.exists(path):
+        metrics.save_classifier(metrics.train_classifier(32, setup.classifier_steps), path)
+    return metrics.load_classifier(path)
+
+
+def reproduce(setup):
+    t0 = time.time()
+    torch.set_num_threads(1)  # see train.py --threads
+    os.makedirs(setup.out, exist_ok=True)
+    classifier = get_classifier(setup)
+    data_dir = os.path.join(setup.out, f"data-{setup.resolution}px-n{setup.n_train}")
+    if not os.path.exists(os.path.join(data_dir, "done")):
+        synth.write_folder(data_dir, setup.n_train, setup.resolution, synth.TRAIN_SEED)
+        open(os.path.join(data_dir, "done"), "w").close()
+    prior = sd.load(setup.prior)
+    data = held_out(setup, prior)
+    res = {"setup": dataclasses.asdict(setup), "floors": floors(prior, data, classifier, setup),
+           "zero_shot": {"diff2flow (Euler)": measure(prior, "diffusion", data, classifier, setup),
+                         "DDIM": measure(prior, "diffusion", data, classifier, setup, sampler="ddim"),
+                         "naive FM reading": measure(prior, "fm", data, classifier, setup)}, "runs": {}}
+    for lora in (False, True):
+        for objective in OBJECTIVES:
+            name = f"{objective}-{'lora' if lora else 'full'}"
+            print(f"== {name}")
+            res["runs"][name] = fine_tune(setup, objective, lora, data_dir, data, classifier)
+    res["minutes"] = (time.time() - t0) / 60
+    with open(os.path.join(setup.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, os.path.join(setup.results, "results.png"))
+    with open(os.path.join(setup.results, "RESULTS.md"), "w") as f:
+        f.write(report(res))
+    return res
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def final(res, name):
+    """The last checkpoint's measurements of a run."""
+    curve = res["runs"][name]["curve"]
+    return curve[max(curve, key=int)]
+
+
+def mean_fd(m):
+    return sum(s["fd"] for s in m["samples"].values()) / len(m["samples"])
+
+
+def verdict(ok):
+    return "**reproduces**" if ok else "**does not reproduce**"
+
+
+def claims(res):
+    """The paper's claims, each checked against our numbers: (claim, verdict, evidence)."""
+    out = []
+    margins = {}
+    for kind in ("full", "lora"):
+        fd = {o: mean_fd(final(res, f"{o}-{kind}")) for o in OBJECTIVES}
+        margins[kind] = min(fd["diffusion"], fd["fm"]) - fd["diff2flow"]
+        out.append((f"Diff2Flow beats naive FM and diffusion fine-tuning ({kind})", verdict(margins[kind] > 0),
+                    "mean FD over sampling step counts: " + ", ".join(f"{NAMES[o]} {fd[o]:.1f}" for o in OBJECTIVES)))
+    out.append(("... most clearly under LoRA", verdict(margins["lora"] > max(margins["full"], 0)),
+                f"FD margin of Diff2Flow over the better baseline: LoRA {margins['lora']:.1f}, "
+                f"full {margins['full']:.1f}"))
+    z = res["zero_shot"]
+    good, broken = z["diff2flow (Euler)"]["fm_loss"], z["naive FM reading"]["fm_loss"]
+    fd_good, fd_broken = mean_fd(z["diff2flow (Euler)"]), mean_fd(z["naive FM reading"])
+    out.append(("Diff2Flow starts from a good model, naive FM from a broken one",
+                verdict(good < broken and fd_good < fd_broken),
+                f"at step 0, FM validation loss {good:.3f} (Diff2Flow) vs {broken:.3f} (naive FM); "
+                f"mean FD {fd_good:.1f} vs {fd_broken:.1f}"))
+    flow, ddim = mean_fd(z["diff2flow (Euler)"]), mean_fd(z["DDIM"])
+    out.append(("Zero-shot, the prior sampled as a flow (Diff2Flow conversion, Euler) matches DDIM",
+                verdict(flow <= 1.1 * ddim), f"mean FD {flow:.1f} (flow) vs {ddim:.1f} (DDIM)"))
+    return out
+
+
+def sample_table(rows, steps):
+    head = "| model | FM val loss | " + " | ".join(f"FD / acc @{s}" for s in steps) + " |"
+    lines = [head, "|" + "---|" * (2 + len(steps))]
+    for name, m in rows:
+        cells = [f"{m['samples'][s]['fd']:.1f} / {m['samples'][s]['acc']:.2f}" for s in steps]
+        lines.append(f"| {name} | {m['fm_loss']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(res):
+    s = res["setup"]
+    steps = [k for k in res["zero_shot"]["DDIM"]["samples"]]
+    ckpts = [str(c) for c in s["checkpoints"]]
+    fl = res["floors"]
+    md = [f"# Results: Diff2Flow fine-tuning claims at toy scale\n",
+          f"Written by `python evaluate.py reproduce` in {res['minutes']:.0f} min (CPU). The tiny prior "
+          f"(`{os.path.relpath(s['prior'], ROOT)}`, v-prediction diffusion trained at 32 px) fine-tuned to "
+          f"{s['resolution']} px on {s['n_train']} synthetic images, {s['checkpoints'][-1]} steps of batch "
+          f"{s['batch_size']}, lr {s['lr_full']} full / {s['lr_lora']} LoRA (`--lora {s['lora']}`), seed {s['seed']}, "
+          f"EMA 0.999. Images are sampled with Euler on each model's velocity (diffusion models through the "
+          f"Diff2Flow conversion), CFG {s['cfg']}, {s['n_eval']} held-out test captions. FD: Frechet distance of "
+          f"the attribute classifier's features against the {s['n_eval']} real test images (lower is better); "
+          f"acc: prompt attributes recognised (higher is better); FM val loss on {s['n_val']} held-out latents.\n",
+          "## Claims\n", "| paper's claim | here | numbers |", "|---|---|---|"]
+    md += [f"| {c} | {v} | {e} |" for c, v, e in claims(res)]
+    md += ["\n## Floors\n", f"Real held-out images (validation vs test): FD {fl['real']['fd']:.1f}, "
+           f"acc {fl['real']['acc']:.2f}. VAE reconstructions of the test images: FD {fl['vae']['fd']:.1f}, "
+           f"acc {fl['vae']['acc']:.2f}.\n", "## Zero-shot: the prior at 64 px before fine-tuning\n",
+           sample_table([(k, v) for k, v in res["zero_shot"].items()], steps),
+           "\n## After fine-tuning\n",
+           sample_table([(f"{NAMES[n.split('-')[0]]} ({n.split('-')[1]})", final(res, n)) for n in res["runs"]],
+                        steps), "\n## FM validation loss along fine-tuning\n",
+           "| run | step 0 | " + " | ".join(ckpts) + " | minutes |", "|" + "---|" * (3 + len(ckpts))]
+    for name, run in res["runs"].items():
+        start = res["zero_shot"]["naive FM reading" if name.startswith("fm-") else "diff2flow (Euler)"]["fm_loss"]
+        md.append(f"| {name} | {start:.3f} | " + " | ".join(f"{run['curve'][c]['fm_loss']:.3f}" for c in
+                                                             run["curve"]) + f" | {run['minutes']:.1f} |")
+    md.append("\nPlot: `results.png` (left: FD vs sampling steps after fine-tuning; right: FM validation loss "
+              "along fine-tuning). Raw numbers: `runs/reproduce/results.json`.\n")
+    return "\n".join(md)
+
+
+# ---------------------------------------------------------------------------------- plot (PIL only)
+
+COLORS = {"diffusion": (31, 119, 180), "fm": (214, 39, 40), "diff2flow": (44, 160, 44), "DDIM": (127, 127, 127)}
+
+
+def chart(draw, box, series, title, xlabel, logy=False):
+    """Line chart in box (x0, y0, x1, y1): series = [(label, color, dashed, [(x, y), ...])]; x on a log2 axis."""
+    x0, y0, x1, y1 = box
+    px0, py0, px1, py1 = x0 + 50, y0 + 25, x1 - 10, y1 - 35
+    xs = [x for *_, pts in series for x, _ in pts]
+    ys = [y for *_, pts in series for _, y in pts]
+    fy = (lambda v: math.log10(max(v, 1e-9))) if logy else (lambda v: v)
+    lx = lambda v: math.log2(max(v, 0.5))
+    xmin, xmax, ymin, ymax = lx(min(xs)), lx(max(xs)), fy(min(ys)), fy(max(ys))
+    xmax, ymax = max(xmax, xmin + 1e-9), max(ymax, ymin + 1e-9)
+    X = lambda v: px0 + (lx(v) - xmin) / (xmax - xmin) * (px1 - px0)
+    Y = lambda v: py1 - (fy(v) - ymin) / (ymax - ymin) * (py1 - py0)
+    draw.rectangle((px0, py0, px1, py1), outline=(0, 0, 0))
+    draw.text((px0, y0 + 5), title, fill=(0, 0, 0))
+    draw.text(((px0 + px1) // 2 - 30, y1 - 15), xlabel, fill=(0, 0, 0))
+    for x in sorted(set(xs)):
+        draw.text((X(x) - 4, py1 + 4), str(x), fill=(0, 0, 0))
+    for k in range(5):
+        v = ymin + (ymax - ymin) * k / 4
+        draw.text((x0 + 2, py1 - (py1 - py0) * k / 4 - 5), f"{10 ** v if logy else v:.3g}", fill=(0, 0, 0))
+    for i, (label, color, dashed, pts) in enumerate(series):
+        pts = [(X(x), Y(y)) for x, y in sorted(pts)]
+        for a, b in zip(pts, pts[1:]):
+            draw.line((*a, *b), fill=color, width=1 if dashed else 3)
+        for x, y in pts:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        ly = py0 + 8 + 14 * i
+        draw.line((px1 - 150, ly + 5, px1 - 130, ly + 5), fill=color, width=1 if dashed else 3)
+        draw.text((px1 - 125, ly), label, fill=(0, 0, 0))
+
+
+def plot(res, path):
+    img = Image.new("RGB", (1000, 420), "white")
+    draw = ImageDraw.Draw(img)
+    fd, loss = [], []
+    for name, run in res["runs"].items():
+        objective, kind = name.split("-")
+        label, color, dashed = f"{NAMES[objective]} {kind}", COLORS[objective], kind == "lora"
+        fd.append((label, color, dashed, [(s, v["fd"]) for s, v in final(res, name)["samples"].items()]))
+        loss.append((label, color, dashed, [(int(c), m["fm_loss"]) for c, m in run["curve"].items()]))
+    fd.append(("prior, DDIM", COLORS["DDIM"], True,
+               [(s, v["fd"]) for s, v in res["zero_shot"]["DDIM"]["samples"].items()]))
+    chart(draw, (0, 0, 500, 420), fd, "FD after fine-tuning (lower is better)", "sampling steps", logy=True)
+    chart(draw, (500, 0, 1000, 420), loss, "FM validation loss", "fine-tuning steps", logy=True)
+    img.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["reproduce"])
+    p.add_argument("--quick", action="store_true", help="tiny settings (a minute): checks the pipeline, not the claims")
+    p.add_argument("--prior", default=train.DEMO_PRIOR, help="the diffusion model to fine-tune (tiny family)")
+    p.add_argument("--out", help="work folder (default runs/reproduce, or runs/reproduce-quick)")
+    p.add_argument("--results", help="folder for RESULTS.md and results.png (default: the repo root; "
+                   "--quick: the work folder)")
+    a = p.parse_args(argv)
+    setup = Setup(prior=os.path.abspath(a.prior), **(QUICK if a.quick else {}))
+    setup.out = a.out or setup.out
+    setup.results = a.results or (setup.out if a.quick else setup.results)
+    res = reproduce(setup)
+    print(f"wrote {os.path.join(setup.results, 'RESULTS.md')} ({res['minutes']:.1f} min)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
