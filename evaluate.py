@@ -182,8 +182,7 @@ def reproduce(setup):
     with open(os.path.join(setup.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     plot(res, os.path.join(setup.results, "results.png"))
-    with open(os.path.join(setup.results, "RESULTS.md"), "w") as f:
-        f.write(report(res))
+    metrics.update_results(os.path.join(setup.results, "RESULTS.md"), "finetune", report(res))
     return res
 
 
@@ -243,7 +242,7 @@ def report(res):
     steps = [k for k in res["zero_shot"]["DDIM"]["samples"]]
     ckpts = [str(c) for c in s["checkpoints"]]
     fl = res["floors"]
-    md = [f"# Results: Diff2Flow fine-tuning claims at toy scale\n",
+    md = [f"## Diff2Flow fine-tuning claims at toy scale\n",
           f"Written by `python evaluate.py reproduce` in {res['minutes']:.0f} min (CPU). The tiny prior "
           f"(`{os.path.relpath(s['prior'], ROOT)}`, v-prediction diffusion trained at 32 px) fine-tuned to "
           f"{s['resolution']} px on {s['n_train']} synthetic images, {s['checkpoints'][-1]} steps of batch "
@@ -252,15 +251,15 @@ def report(res):
           f"Diff2Flow conversion), CFG {s['cfg']}, {s['n_eval']} held-out test captions. FD: Frechet distance of "
           f"the attribute classifier's features against the {s['n_eval']} real test images (lower is better); "
           f"acc: prompt attributes recognised (higher is better); FM val loss on {s['n_val']} held-out latents.\n",
-          "## Claims\n", "| paper's claim | here | numbers |", "|---|---|---|"]
+          "### Claims\n", "| paper's claim | here | numbers |", "|---|---|---|"]
     md += [f"| {c} | {v} | {e} |" for c, v, e in claims(res)]
-    md += ["\n## Floors\n", f"Real held-out images (validation vs test): FD {fl['real']['fd']:.1f}, "
+    md += ["\n### Floors\n", f"Real held-out images (validation vs test): FD {fl['real']['fd']:.1f}, "
            f"acc {fl['real']['acc']:.2f}. VAE reconstructions of the test images: FD {fl['vae']['fd']:.1f}, "
-           f"acc {fl['vae']['acc']:.2f}.\n", "## Zero-shot: the prior at 64 px before fine-tuning\n",
+           f"acc {fl['vae']['acc']:.2f}.\n", "### Zero-shot: the prior at 64 px before fine-tuning\n",
            sample_table([(k, v) for k, v in res["zero_shot"].items()], steps),
-           "\n## After fine-tuning\n",
+           "\n### After fine-tuning\n",
            sample_table([(f"{NAMES[n.split('-')[0]]} ({n.split('-')[1]})", final(res, n)) for n in res["runs"]],
-                        steps), "\n## FM validation loss along fine-tuning\n",
+                        steps), "\n### FM validation loss along fine-tuning\n",
            "| run | step 0 | " + " | ".join(ckpts) + " | minutes |", "|" + "---|" * (3 + len(ckpts))]
     for name, run in res["runs"].items():
         start = res["zero_shot"]["naive FM reading" if name.startswith("fm-") else "diff2flow (Euler)"]["fm_loss"]

@@ -32,6 +32,26 @@ from tqdm import tqdm
 
 import synth
 
+# ---------------------------------------------------------------------------------- RESULTS.md
+
+
+def update_results(path, section: str, markdown: str):
+    """Replace (or append) one section of RESULTS.md, so that evaluate.py, the reflow and the depth
+    evaluations each rewrite their own part: between <!-- begin SECTION --> and <!-- end SECTION -->."""
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}\n"
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Results\n\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: a crash never leaves half a file
+
+
 # ---------------------------------------------------------------------------------- Frechet distance
 
 

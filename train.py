@@ -2,7 +2,7 @@
 and pretrain the tiny SD family that plays SD's role in the demo and in evaluate.py.
 
     python train.py --task t2i                  # the demo: Diff2Flow fine-tuning of the tiny prior on synth.py data
-    python train.py --task pretrain             # the tiny prior itself (VAE, then UNet + text encoder), ~20 min
+    python train.py --task pretrain             # the tiny prior itself (VAE, then UNet + text encoder), ~20 min (measured: VAE 6.1 + UNet 13.9 min)
     python train.py --ckpt v1-5-pruned-emaonly.safetensors --data my_images/ --lora small --steps 2000
     torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4      # DDP, one process per GPU
     python train.py --ckpt ... --data ... --resume                                 # continue after a crash
@@ -14,7 +14,7 @@ step) and samples/step_XXXXXX.png (fixed prompts, fixed seed).
 
 Defaults depend on what is trained (flags always win): with no --ckpt, --task t2i fine-tunes the demo prior
 assets/demo/prior_tiny.safetensors on synthetic shapes (synth.py, written once to runs/data/) at its
-resolution, 32 px, full fine-tuning, --lr 2e-4, --batch-size 64, --steps 600, --cache: about 6 min on 2 cores.
+resolution, 32 px, full fine-tuning, --lr 2e-4, --batch-size 64, --steps 600, --cache: about 3 min on 2 cores (measured 2 min of steps).
 With --ckpt (real SD): 512 px, --batch-size 4, --steps 1000, --lr 1e-5 (1e-4 with --lora).
 
 --task pretrain (the recipe; --out gets vae.safetensors, prior.safetensors, log.jsonl, samples/):

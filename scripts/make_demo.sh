@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demo, assets/demo/{prior_tiny,d2f_tiny}.safetensors (fp16, ~23 MB together), from scratch:
 #   1. the tiny prior: python train.py --task pretrain (VAE, then UNet + text encoder; ~20 min on 2 cores)
-#   2. its Diff2Flow fine-tune: python train.py --task t2i with no other arguments (~6 min), saved UNet-only:
+#   2. its Diff2Flow fine-tune: python train.py --task t2i with no other arguments (~3 min), saved UNet-only:
 #      sd.load() takes the VAE and text encoder from the prior it names (base=), which keeps the demo small.
 # Deterministic given the seed (0) and the same torch build. Usage: scripts/make_demo.sh [--fast]
-# (--fast: a few steps of each, to check the script; the weights it writes are not the demo's).
+# (--fast: a few steps of each, to check the script; it writes runs/demo-fast/, not assets/demo/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEST=assets/demo
 FAST=()
-[[ "${1:-}" == "--fast" ]] && FAST=(--steps 4)
-mkdir -p assets/demo
+if [[ "${1:-}" == "--fast" ]]; then FAST=(--steps 4); DEST=runs/demo-fast; fi
+export DEST
+mkdir -p "$DEST"
 rm -rf runs/pretrain runs/t2i
 python train.py --task pretrain --out runs/pretrain "${FAST[@]}" ${FAST:+--vae-steps 4 --n-images 256}
 python - <<'PY'
-import torch, sd
+import os, torch, sd
 b = sd.load("runs/pretrain/prior.safetensors")
-sd.save(b, "assets/demo/prior_tiny.safetensors", dtype=torch.float16, **{k: b.meta[k] for k in
+sd.save(b, os.environ["DEST"] + "/prior_tiny.safetensors", dtype=torch.float16, **{k: b.meta[k] for k in
         ("resolution", "steps", "cfg", "train_steps", "vae_steps", "vae_minutes", "unet_minutes")})
 PY
 python train.py --task t2i --out runs/t2i "${FAST[@]}"
 python - <<'PY'
-import torch, sd
+import os, torch, sd
 b = sd.load("runs/t2i/final.safetensors")  # a Diff2Flow model: 4 Euler steps are its default
-sd.save(b, "assets/demo/d2f_tiny.safetensors", dtype=torch.float16, base="prior_tiny.safetensors",
+sd.save(b, os.environ["DEST"] + "/d2f_tiny.safetensors", dtype=torch.float16, base="prior_tiny.safetensors",
         resolution=b.meta["resolution"], steps=4, cfg=b.meta["cfg"], train_steps=b.meta["train_steps"])
 PY
-ls -l assets/demo
-python sample.py --prompt "a red circle on a blue background" --steps 4 --out runs/demo_samples
+ls -l "$DEST"
+python sample.py --ckpt "$DEST/d2f_tiny.safetensors" --prompt "a red circle on a blue background" --steps 4 --out runs/demo_samples

@@ -112,3 +112,14 @@ def test_save_load_roundtrip(tiny_classifier, tmp_path, heldout):
 def test_train_rejects_heldout_seed():
     with pytest.raises(ValueError):
         train_classifier(steps=1, seed=synth.VAL_SEED)
+
+
+def test_update_results_replaces_only_its_section(tmp_path):
+    p = tmp_path / "RESULTS.md"
+    metrics.update_results(p, "a", "## A\nfirst")
+    metrics.update_results(p, "b", "## B\nkept")
+    metrics.update_results(p, "a", "## A\nsecond")
+    text = p.read_text()
+    assert "second" in text and "first" not in text and "kept" in text
+    assert text.index("## A") < text.index("## B")  # a section keeps its place
+    assert text.count("<!-- begin a -->") == 1 and text.count("<!-- end b -->") == 1
