@@ -225,6 +225,18 @@ class NaiveVelocity(nn.Module):
         return unet_call(self.unet, x, (1 - t) * (self.T - 1) if self.dm_direction else t, context).to(x.dtype)
 
 
+class ConcatCond(nn.Module):
+    """unet(cat([x, cond]), t, context): conditioning by channel concatenation (Marigold's image latent for
+    depth). The conversions act on x alone: cond is the same clean latent at every t, never rescaled."""
+
+    def __init__(self, unet, cond):
+        super().__init__()
+        self.unet, self.cond = unet, cond
+
+    def forward(self, x, t, context=None):
+        return self.unet(torch.cat([x, self.cond.to(x.dtype)], dim=1), t, context)  # (B, C + C_cond, h, w)
+
+
 def velocity_model(unet, alphas_cumprod, prediction, objective):
     """The velocity v(x_t, t, context) that the samplers integrate, for a UNet trained with `objective`:
     diffusion (zero-shot) and diff2flow (fine-tuned) read the UNet through the same conversions."""

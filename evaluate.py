@@ -322,21 +322,35 @@ def plot(res, path):
     img.save(path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["reproduce"])
+def add_reproduce(sub):
+    p = sub.add_parser("reproduce", help="the fine-tuning claims: RESULTS.md + results.png")
     p.add_argument("--quick", action="store_true", help="tiny settings (a minute): checks the pipeline, not the claims")
     p.add_argument("--prior", default=train.DEMO_PRIOR, help="the diffusion model to fine-tune (tiny family)")
     p.add_argument("--out", help="work folder (default runs/reproduce, or runs/reproduce-quick)")
     p.add_argument("--results", help="folder for RESULTS.md and results.png (default: the repo root; "
                    "--quick: the work folder)")
-    a = p.parse_args(argv)
+    p.set_defaults(run=run_reproduce)
+
+
+def run_reproduce(a):
     setup = Setup(prior=os.path.abspath(a.prior), **(QUICK if a.quick else {}))
     setup.out = a.out or setup.out
     setup.results = a.results or (setup.out if a.quick else setup.results)
     res = reproduce(setup)
     print(f"wrote {os.path.join(setup.results, 'RESULTS.md')} ({res['minutes']:.1f} min)")
     return res
+
+
+COMMANDS = [add_reproduce]  # each adds its subcommand: evaluate.py reproduce | ...
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    a = p.parse_args(argv)
+    return a.run(a)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 and pretrain the tiny SD family that plays SD's role in the demo and in evaluate.py.
 
     python train.py --task t2i                  # the demo: Diff2Flow fine-tuning of the tiny prior on synth.py data
-    python train.py --task pretrain             # the tiny prior itself (VAE, then UNet + text encoder), ~20 min (measured: VAE 6.1 + UNet 13.9 min)
+    python train.py --task pretrain             # the tiny prior itself (VAE, then UNet + text encoder), ~20 min
     python train.py --ckpt v1-5-pruned-emaonly.safetensors --data my_images/ --lora small --steps 2000
     torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4      # DDP, one process per GPU
     python train.py --ckpt ... --data ... --resume                                 # continue after a crash
@@ -14,7 +14,8 @@ step) and samples/step_XXXXXX.png (fixed prompts, fixed seed).
 
 Defaults depend on what is trained (flags always win): with no --ckpt, --task t2i fine-tunes the demo prior
 assets/demo/prior_tiny.safetensors on synthetic shapes (synth.py, written once to runs/data/) at its
-resolution, 32 px, full fine-tuning, --lr 2e-4, --batch-size 64, --steps 600, --cache: about 3 min on 2 cores (measured 2 min of steps).
+resolution, 32 px, full fine-tuning, --lr 2e-4, --batch-size 64, --steps 600, --cache: about 3
+min on 2 cores.
 With --ckpt (real SD): 512 px, --batch-size 4, --steps 1000, --lr 1e-5 (1e-4 with --lora).
 
 --task pretrain (the recipe; --out gets vae.safetensors, prior.safetensors, log.jsonl, samples/):
@@ -405,6 +406,38 @@ def micro_batches(cfg, ds, bundle, cache, device, amp, position, rank, world):
             yield encode(bundle, images.to(device, non_blocking=True), captions, amp)
 
 
+@dataclass
+class TaskData:
+    """What a task feeds train(): `n` items, `batches(position, rank, world)` -> endless micro-batches (dicts on
+    the device) from a stream position, and the sample grid. Batch keys: "x1" (target latents (B, C, h, w)),
+    "context" (text embeddings (B, 77, width)), optionally "noise" (a fixed FM x_0 for each item, e.g. reflow
+    pairs) and "cond" (latents concatenated to the UNet input along channels, e.g. depth's image latent)."""
+    n: int
+    batches: object
+    prompts: list  # the sample grids' prompts (text-to-image grids)
+    what: str = "images"
+    grid: object = None  # (bundle, unet, objective, path, amp) -> writes a PNG; None: text-to-image rows
+
+
+def t2i_data(cfg, bundle, device, amp, master, ddp):
+    """--task t2i: images + captions from --data (FolderDataset), decoded by workers or cached once."""
+    try:
+        ds = FolderDataset(cfg.data, cfg.resolution)
+    except DataError as e:
+        fail(str(e))
+    cache = cached_data(cfg, ds, bundle, device, amp, master, ddp) if cfg.cache else None
+
+    def batches(position, rank, world):
+        for x1, context in micro_batches(cfg, ds, bundle, cache, device, amp, position, rank, world):
+            yield {"x1": x1, "context": context}
+    return TaskData(len(ds), batches, list(dict.fromkeys(ds.captions))[:SAMPLE_N])
+
+
+# task -> fn(cfg, bundle, device, amp, master, ddp) -> TaskData. It runs before the UNet is set up for
+# training, so it may also adapt bundle.unet (depth widens the first conv to take the image latent).
+TASK_DATA = {"t2i": t2i_data}
+
+
 def draw(cfg, objective, step, n, shape, T, device):
     """Noise, timesteps and caption-dropout flags of the whole global step (n items) from a generator seeded
     with (seed, step): every process draws the same numbers and keeps its slice, so N processes see what one
@@ -624,9 +657,8 @@ def train(cfg, lora_cfg, ddp, rank, world):
         os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
 
     try:
-        ds = FolderDataset(cfg.data, cfg.resolution)
         bundle = sd.load(cfg.ckpt, device=device, prediction=cfg.prediction)
-    except (DataError, sd.LoadError) as e:
+    except sd.LoadError as e:
         fail(str(e))
     unet, f = bundle.unet, bundle.vae.downsample
     need = f * 2 ** (len(unet.cfg.channel_mult) - 1)  # the VAE's factor x the UNet's downsamplings
@@ -635,6 +667,8 @@ def train(cfg, lora_cfg, ddp, rank, world):
              f"(VAE factor {f} x UNet downsampling {need // f})")
     if any(isinstance(m, lora.LoRALayer) for m in unet.modules()):
         fail(f"--ckpt {cfg.ckpt} is a LoRA file; train from its base model instead")
+    data = TASK_DATA[cfg.task](cfg, bundle, device, amp, master, ddp)
+    unet = bundle.unet  # the task may have adapted it
 
     # the model: fp32 master weights; only the UNet (or its LoRA) trains
     torch.manual_seed(cfg.seed + rank)  # LoRA's random init (DDP broadcasts rank 0's), then e.g. LoRA dropout
@@ -661,11 +695,11 @@ def train(cfg, lora_cfg, ddp, rank, world):
         n_train = sum(p.numel() for p in params)
         print(f"{objective} on {bundle.name} ({bundle.version}, {bundle.prediction}-prediction): "
               f"{'LoRA ' + cfg.lora if lora_cfg else 'full fine-tuning'}, {n_train / 1e6:.2f}M trainable, "
-              f"{len(ds)} images, global batch {G}, {world} process(es)")
+              f"{data.n} {data.what}, global batch {G}, {world} process(es)")
 
     # data, and the fixed prompts + noise of the sample grids
     empty = bundle.encode_prompt([""]).float()  # (1, 77, width): dropped captions and the CFG branch
-    prompts = list(dict.fromkeys(ds.captions))[:SAMPLE_N]
+    prompts = data.prompts
     if cfg.sample_prompts:
         with open(cfg.sample_prompts, encoding="utf-8") as fp:
             prompts = [line.strip() for line in fp if line.strip()]
@@ -674,16 +708,19 @@ def train(cfg, lora_cfg, ddp, rank, world):
     sample_ctx = bundle.encode_prompt(prompts).float()
     shape = (bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f)
     sample_noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    cache = cached_data(cfg, ds, bundle, device, amp, master, ddp) if cfg.cache else None
-    if cache is not None:  # every context is computed now: the text encoder and VAE encoder can leave the GPU
+    if cfg.cache:  # every context is computed now: the text encoder and VAE encoder can leave the GPU
         bundle.text_encoder.to("cpu"), bundle.vae.encoder.to("cpu")
-    batches = micro_batches(cfg, ds, bundle, cache, device, amp, data_pos, rank, world)
+    batches = data.batches(data_pos, rank, world)
+
+    def grid(path):
+        if data.grid:
+            return data.grid(bundle, unet, objective, path, amp)
+        sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise, path, amp)
 
     if master:
         log = open_log(os.path.join(cfg.out, "log.jsonl"), start)
         if state is None and cfg.sample_every:
-            sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise,
-                        os.path.join(cfg.out, "samples", "step_000000.png"), amp)
+            grid(os.path.join(cfg.out, "samples", "step_000000.png"))
     if state is not None:
         rngs = state["rng"]
         set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
@@ -698,13 +735,15 @@ def train(cfg, lora_cfg, ddp, rank, world):
         noise, t, drop = draw(cfg, objective, step, G, shape, len(abar), device)
         loss_sum = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
-            x1, context = next(batches)
+            b = next(batches)
             i = slice((m * world + rank) * cfg.batch_size, (m * world + rank + 1) * cfg.batch_size)
-            context = torch.where(drop[i, None, None], empty, context)
+            context = torch.where(drop[i, None, None], empty, b["context"])
+            net = diff2flow.ConcatCond(model, b["cond"]) if "cond" in b else model
             if ddp:  # all-reduce the gradients only once, after the last micro-step
                 model.require_backward_grad_sync = m == cfg.grad_accum - 1
             with amp():
-                loss = loss_fn(model, x1, context, abar, bundle.prediction, noise=noise[i], t=t[i])
+                loss = loss_fn(net, b["x1"], context, abar, bundle.prediction, noise=b.get("noise", noise[i]),
+                               t=t[i])
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
         if ddp:
@@ -732,8 +771,7 @@ def train(cfg, lora_cfg, ddp, rank, world):
             last_good = ckpt_path
         if master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
             with ema.applied() if ema else nullcontext():
-                sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise,
-                            os.path.join(cfg.out, "samples", f"step_{done:06d}.png"), amp)
+                grid(os.path.join(cfg.out, "samples", f"step_{done:06d}.png"))
     bar.close()
 
     final = os.path.join(cfg.out, "final.safetensors")
