@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -158,17 +159,57 @@ def get_classifier(setup):
     return metrics.load_classifier(path)
 
 
-def reproduce(setup):
+def seed_spread(setup, data, classifier, res, name="diff2flow-full", extra=2):
+    """Run-to-run spread of the mean FD: the same fine-tuned model sampled from `extra` other noise seeds.
+    Differences between models smaller than about twice its std are not resolved by this setup."""
+    bundle = sd.load(os.path.join(setup.out, name, "final.safetensors"))
+    fds = [mean_fd(final(res, name))]
+    for k in range(1, extra + 1):
+        other = dataclasses.replace(setup, seed=setup.seed + k)
+        fds.append(mean_fd(measure(bundle, name.split("-")[0], data, classifier, other)))
+    return {"model": name, "mean_fd": fds, "std": statistics.stdev(fds)}
+
+
+def reproduce(setup, report_only=False):
+    """Fine-tune and measure everything (report_only: re-measure only what OUT/results.json lacks, e.g. the
+    seed spread), then write OUT/results.json, RESULTS.md (section "finetune") and results.png."""
     t0 = time.time()
     torch.set_num_threads(1)  # see train.py --threads
     os.makedirs(setup.out, exist_ok=True)
     classifier = get_classifier(setup)
+    prior = sd.load(setup.prior)
+    data = held_out(setup, prior)
+    if report_only:
+        with open(os.path.join(setup.out, "results.json")) as f:
+            res = json.load(f)
+    else:
+        res = train_and_measure(setup, prior, data, classifier)
+        res["minutes"] = (time.time() - t0) / 60
+    if "spread" not in res:
+        res["spread"] = seed_spread(setup, data, classifier, res)
+    for kind in ("full", "lora"):  # diffusion fine-tuning with its own sampler too, as the paper's baseline
+        name = f"diffusion-{kind}"
+        if name not in res.setdefault("ddim", {}):
+            bundle = sd.load(os.path.join(setup.out, name, "final.safetensors"))
+            res["ddim"][name] = measure(bundle, "diffusion", data, classifier, setup, sampler="ddim")
+    save_json(res, os.path.join(setup.out, "results.json"))
+    res = json.loads(json.dumps(res))  # one key type (str) whether measured now or read back
+    plot(res, os.path.join(setup.results, "results.png"))
+    metrics.update_results(os.path.join(setup.results, "RESULTS.md"), "finetune", report(res))
+    return res
+
+
+def save_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def train_and_measure(setup, prior, data, classifier):
     data_dir = os.path.join(setup.out, f"data-{setup.resolution}px-n{setup.n_train}")
     if not os.path.exists(os.path.join(data_dir, "done")):
         synth.write_folder(data_dir, setup.n_train, setup.resolution, synth.TRAIN_SEED)
         open(os.path.join(data_dir, "done"), "w").close()
-    prior = sd.load(setup.prior)
-    data = held_out(setup, prior)
     res = {"setup": dataclasses.asdict(setup), "floors": floors(prior, data, classifier, setup),
            "zero_shot": {"diff2flow (Euler)": measure(prior, "diffusion", data, classifier, setup),
                          "DDIM": measure(prior, "diffusion", data, classifier, setup, sampler="ddim"),
@@ -178,11 +219,6 @@ def reproduce(setup):
             name = f"{objective}-{'lora' if lora else 'full'}"
             print(f"== {name}")
             res["runs"][name] = fine_tune(setup, objective, lora, data_dir, data, classifier)
-    res["minutes"] = (time.time() - t0) / 60
-    with open(os.path.join(setup.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    plot(res, os.path.join(setup.results, "results.png"))
-    metrics.update_results(os.path.join(setup.results, "RESULTS.md"), "finetune", report(res))
     return res
 
 
@@ -203,18 +239,34 @@ def verdict(ok):
     return "**reproduces**" if ok else "**does not reproduce**"
 
 
+def beats(margin, spread):
+    """Verdict on an FD margin (baseline - Diff2Flow) given the run-to-run spread (std) of the mean FD."""
+    if margin > 2 * spread:
+        return verdict(True)
+    return verdict(False) + (" (a tie within 2x the seed spread)" if margin > -2 * spread else "")
+
+
 def claims(res):
     """The paper's claims, each checked against our numbers: (claim, verdict, evidence)."""
-    out = []
-    margins = {}
+    out, margins, spread = [], {}, res["spread"]["std"]
     for kind in ("full", "lora"):
-        fd = {o: mean_fd(final(res, f"{o}-{kind}")) for o in OBJECTIVES}
-        margins[kind] = min(fd["diffusion"], fd["fm"]) - fd["diff2flow"]
-        out.append((f"Diff2Flow beats naive FM and diffusion fine-tuning ({kind})", verdict(margins[kind] > 0),
-                    "mean FD over sampling step counts: " + ", ".join(f"{NAMES[o]} {fd[o]:.1f}" for o in OBJECTIVES)))
-    out.append(("... most clearly under LoRA", verdict(margins["lora"] > max(margins["full"], 0)),
-                f"FD margin of Diff2Flow over the better baseline: LoRA {margins['lora']:.1f}, "
-                f"full {margins['full']:.1f}"))
+        runs = {o: final(res, f"{o}-{kind}") for o in OBJECTIVES}
+        fd = {o: mean_fd(m) for o, m in runs.items()}
+        for base in ("fm", "diffusion"):
+            margins[kind, base] = fd[base] - fd["diff2flow"]
+            out.append((f"Diff2Flow beats {NAMES[base]} fine-tuning ({kind})", beats(margins[kind, base], spread),
+                        f"mean FD over sampling step counts: {NAMES[base]} {fd[base]:.1f}, Diff2Flow "
+                        f"{fd['diff2flow']:.1f} (seed spread: std {spread:.1f}); FM val loss "
+                        f"{runs[base]['fm_loss']:.3f} vs {runs['diff2flow']['fm_loss']:.3f}"))
+        if f"diffusion-{kind}" in res.get("ddim", {}):
+            ddim = mean_fd(res["ddim"][f"diffusion-{kind}"])
+            out.append((f"Diff2Flow beats diffusion fine-tuning sampled with DDIM ({kind})",
+                        beats(ddim - fd["diff2flow"], spread),
+                        f"mean FD: diffusion + DDIM {ddim:.1f}, Diff2Flow {fd['diff2flow']:.1f}"))
+    for base in ("fm", "diffusion"):
+        lo, fu = margins["lora", base], margins["full", base]
+        out.append((f"... most clearly under LoRA (vs {NAMES[base]})", verdict(lo > fu + 2 * spread and lo > 0),
+                    f"FD margin of Diff2Flow: LoRA {lo:.1f}, full {fu:.1f}"))
     z = res["zero_shot"]
     good, broken = z["diff2flow (Euler)"]["fm_loss"], z["naive FM reading"]["fm_loss"]
     fd_good, fd_broken = mean_fd(z["diff2flow (Euler)"]), mean_fd(z["naive FM reading"])
@@ -223,7 +275,7 @@ def claims(res):
                 f"at step 0, FM validation loss {good:.3f} (Diff2Flow) vs {broken:.3f} (naive FM); "
                 f"mean FD {fd_good:.1f} vs {fd_broken:.1f}"))
     flow, ddim = mean_fd(z["diff2flow (Euler)"]), mean_fd(z["DDIM"])
-    out.append(("Zero-shot, the prior sampled as a flow (Diff2Flow conversion, Euler) matches DDIM",
+    out.append(("Zero-shot, the prior sampled as a flow (Diff2Flow conversion, Euler) is as good as DDIM",
                 verdict(flow <= 1.1 * ddim), f"mean FD {flow:.1f} (flow) vs {ddim:.1f} (DDIM)"))
     return out
 
@@ -251,15 +303,23 @@ def report(res):
           f"Diff2Flow conversion), CFG {s['cfg']}, {s['n_eval']} held-out test captions. FD: Frechet distance of "
           f"the attribute classifier's features against the {s['n_eval']} real test images (lower is better); "
           f"acc: prompt attributes recognised (higher is better); FM val loss on {s['n_val']} held-out latents.\n",
+          "Read the diffusion rows with care: a diffusion fine-tune sampled through the Diff2Flow conversion is "
+          "already a flow model (the paper's zero-shot use), so \"diffusion\" vs \"Diff2Flow\" compares two ways "
+          "of training the same velocity model; the DDIM rows sample the diffusion fine-tunes as diffusion models.\n",
           "### Claims\n", "| paper's claim | here | numbers |", "|---|---|---|"]
     md += [f"| {c} | {v} | {e} |" for c, v, e in claims(res)]
+    sp = res["spread"]
+    md += [f"\nSeed spread: {NAMES[sp['model'].split('-')[0]]} ({sp['model'].split('-')[1]}) sampled from "
+           f"{len(sp['mean_fd'])} noise seeds: mean FD " + ", ".join(f"{v:.1f}" for v in sp["mean_fd"]) +
+           f" (std {sp['std']:.1f}); a margin under 2x the std is a tie.\n"]
     md += ["\n### Floors\n", f"Real held-out images (validation vs test): FD {fl['real']['fd']:.1f}, "
            f"acc {fl['real']['acc']:.2f}. VAE reconstructions of the test images: FD {fl['vae']['fd']:.1f}, "
            f"acc {fl['vae']['acc']:.2f}.\n", "### Zero-shot: the prior at 64 px before fine-tuning\n",
            sample_table([(k, v) for k, v in res["zero_shot"].items()], steps),
            "\n### After fine-tuning\n",
-           sample_table([(f"{NAMES[n.split('-')[0]]} ({n.split('-')[1]})", final(res, n)) for n in res["runs"]],
-                        steps), "\n### FM validation loss along fine-tuning\n",
+           sample_table([(f"{NAMES[n.split('-')[0]]} ({n.split('-')[1]})", final(res, n)) for n in res["runs"]]
+                        + [(f"diffusion ({n.split('-')[1]}), DDIM", m) for n, m in res["ddim"].items()], steps),
+           "\n### FM validation loss along fine-tuning\n",
            "| run | step 0 | " + " | ".join(ckpts) + " | minutes |", "|" + "---|" * (3 + len(ckpts))]
     for name, run in res["runs"].items():
         start = res["zero_shot"]["naive FM reading" if name.startswith("fm-") else "diff2flow (Euler)"]["fm_loss"]
@@ -313,10 +373,10 @@ def plot(res, path):
     for name, run in res["runs"].items():
         objective, kind = name.split("-")
         label, color, dashed = f"{NAMES[objective]} {kind}", COLORS[objective], kind == "lora"
-        fd.append((label, color, dashed, [(s, v["fd"]) for s, v in final(res, name)["samples"].items()]))
+        fd.append((label, color, dashed, [(int(s), v["fd"]) for s, v in final(res, name)["samples"].items()]))
         loss.append((label, color, dashed, [(int(c), m["fm_loss"]) for c, m in run["curve"].items()]))
     fd.append(("prior, DDIM", COLORS["DDIM"], True,
-               [(s, v["fd"]) for s, v in res["zero_shot"]["DDIM"]["samples"].items()]))
+               [(int(s), v["fd"]) for s, v in res["zero_shot"]["DDIM"]["samples"].items()]))
     chart(draw, (0, 0, 500, 420), fd, "FD after fine-tuning (lower is better)", "sampling steps", logy=True)
     chart(draw, (500, 0, 1000, 420), loss, "FM validation loss", "fine-tuning steps", logy=True)
     img.save(path)
@@ -329,6 +389,8 @@ def add_reproduce(sub):
     p.add_argument("--out", help="work folder (default runs/reproduce, or runs/reproduce-quick)")
     p.add_argument("--results", help="folder for RESULTS.md and results.png (default: the repo root; "
                    "--quick: the work folder)")
+    p.add_argument("--report", action="store_true", help="no training: re-write RESULTS.md and results.png from "
+                   "OUT/results.json, measuring only what it lacks")
     p.set_defaults(run=run_reproduce)
 
 
@@ -336,12 +398,58 @@ def run_reproduce(a):
     setup = Setup(prior=os.path.abspath(a.prior), **(QUICK if a.quick else {}))
     setup.out = a.out or setup.out
     setup.results = a.results or (setup.out if a.quick else setup.results)
-    res = reproduce(setup)
+    res = reproduce(setup, a.report)
     print(f"wrote {os.path.join(setup.results, 'RESULTS.md')} ({res['minutes']:.1f} min)")
     return res
 
 
-COMMANDS = [add_reproduce]  # each adds its subcommand: evaluate.py reproduce | ...
+def add_depth(sub):
+    import depth
+    p = sub.add_parser("depth", help="image-to-depth models on a pair folder: AbsRel, delta1..3, RMSE (depth.py)",
+                       description="Marigold's protocol: least-squares scale-and-shift alignment on the valid pixels "
+                       "(in log depth: the models predict affine-invariant log depth; depth-space alignment is "
+                       "reported beside it), clipped to the dataset's depth range. Every --ckpt x --steps x "
+                       "--ensemble, plus each model's VAE floor (decode(encode(ground truth))).")
+    p.add_argument("--data", help="pair folder, rgb/ + depth/ (default: 128 held-out scenes.py scenes at 64 px, "
+                   "seed 10001, written once to runs/data/)")
+    p.add_argument("--ckpt", action="append", help="depth model(s); repeat to compare (default: the bundled demo)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10], help="Euler step counts")
+    p.add_argument("--ensemble", type=int, nargs="+", default=[1, 4], help="ensemble sizes")
+    p.add_argument("--n", type=int, help="only the first N pairs")
+    p.add_argument("--dataset", choices=list(depth.DEPTH_RANGES), default="scenes",
+                   help="its [min, max] evaluation depth range in metres: " +
+                   ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in depth.DEPTH_RANGES.items()))
+    p.add_argument("--processing-res", type=int, help="default: each model's training resolution")
+    p.add_argument("--seed", type=int, default=0, help="pair i uses noise seed + i")
+    p.add_argument("--baseline", metavar="DIR", help="also score the mean normalised depth map of this pair folder "
+                   "(e.g. the training data) as a prediction: what a model learns that ignores the image")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--results", help="also write the summary as the 'depth' section of this RESULTS.md")
+    p.set_defaults(run=run_depth)
+
+
+def run_depth(a):
+    import depth
+    if min(a.steps + a.ensemble) < 1 or (a.n is not None and a.n < 1):
+        raise SystemExit("evaluate.py depth: error: --steps, --ensemble and --n must be >= 1")
+    torch.set_num_threads(1)  # the tiny models: one thread is fastest on a busy CPU (see train.py --threads)
+    try:
+        rows = depth.evaluate_models(a.ckpt or [depth.DEMO], a.data or depth.heldout_scenes(), a.steps, a.ensemble,
+                                     a.n, depth.DEPTH_RANGES[a.dataset], a.processing_res, a.seed, a.baseline)
+    except depth.DepthError as e:
+        raise SystemExit(f"evaluate.py depth: error: {e}")
+    print(depth.markdown_table(rows))
+    if a.results:
+        command = "python evaluate.py depth " + " ".join(f"--ckpt {os.path.relpath(c)}" for c in a.ckpt or [depth.DEMO])
+        metrics.update_results(a.results, "depth", depth.results_section(rows, command, a.data or depth.heldout_scenes()))
+    if a.json:
+        with open(a.json + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(a.json + ".tmp", a.json)
+    return rows
+
+
+COMMANDS = [add_reproduce, add_depth]  # each adds its subcommand: evaluate.py reproduce | depth | ...
 
 
 def main(argv=None):

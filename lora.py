@@ -186,9 +186,10 @@ def load_base(model: nn.Module, sd: dict):
     load_exact(model, sd, [k for k in model.state_dict() if not is_lora_key(k)], "base checkpoint")
 
 
-def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, base: str = "", **extra):
+def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra):
     """safetensors with the config (JSON), the base model (path or repo id; sd.load follows it) and `extra`
-    (e.g. objective=, prediction=: how to sample it) in the metadata. Atomic: temp file, then rename."""
+    (e.g. objective=, prediction=, and cfg=, steps=: how to sample it) in the metadata. Atomic: temp file, then
+    rename. (model, path, cfg are positional-only, so `extra` may hold a key "cfg", the guidance scale.)"""
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     meta = {"lora_config": json.dumps(asdict(cfg)), "base_model": base, **{k: str(v) for k, v in extra.items()}}
     tmp = f"{path}.tmp{os.getpid()}"
@@ -203,9 +204,25 @@ def load_lora(model: nn.Module, path: str) -> LoRAConfig:
             cfg = LoRAConfig(**json.loads((f.metadata() or {})["lora_config"]))
     except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise ValueError(f"{path}: not a LoRA .safetensors written by lora.save_lora ({type(e).__name__})") from None
+    tensors = load_file(path)
+    _fit_first_conv(model, tensors.get(FIRST + ".weight"))
     apply_lora(model, cfg)
-    load_exact(model, load_file(path), lora_state_dict(model).keys(), f"LoRA file {path}")
+    load_exact(model, tensors, lora_state_dict(model).keys(), f"LoRA file {path}")
     return cfg
+
+
+def _fit_first_conv(model: nn.Module, w):
+    """A fully trained first conv of another input width in the file (a depth LoRA's: noisy + image latent,
+    8 channels) replaces the base's before loading; all its weights then come from the file."""
+    old = model.get_submodule(FIRST)
+    if w is None or w.shape == old.weight.shape:
+        return
+    new = nn.Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    parent, _, leaf = FIRST.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+    if hasattr(model, "cfg"):  # sd.save records the config: the input width must match the weights
+        model.cfg = type(model.cfg)(**{**vars(model.cfg), "in_channels": w.shape[1]})
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -3,6 +3,7 @@ and pretrain the tiny SD family that plays SD's role in the demo and in evaluate
 
     python train.py --task t2i                  # the demo: Diff2Flow fine-tuning of the tiny prior on synth.py data
     python train.py --task pretrain             # the tiny prior itself (VAE, then UNet + text encoder), ~20 min
+    python train.py --task depth                # image-to-depth (depth.py), the prior on scenes.py rooms, 64 px
     python train.py --ckpt v1-5-pruned-emaonly.safetensors --data my_images/ --lora small --steps 2000
     torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4      # DDP, one process per GPU
     python train.py --ckpt ... --data ... --resume                                 # continue after a crash
@@ -47,8 +48,11 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import depth
 import diff2flow
 import lora
+import reflow
+import scenes
 import sd
 import synth
 from data import DataError, FolderDataset, stream_indices
@@ -70,7 +74,10 @@ def arg(default, help, **kw):
 @dataclass
 class TrainConfig:
     task: str = arg("t2i", "t2i = text-to-image fine-tuning; pretrain = the tiny SD family from scratch on "
-                           "synthetic shapes (VAE, then UNet + text encoder)", choices=["t2i", "pretrain"])
+                           "synthetic shapes (VAE, then UNet + text encoder); reflow = the teacher's (noise, latent) "
+                           "pairs, then a 1-rectified flow on them (reflow.py); depth = image-to-depth, Marigold-style "
+                           "(depth.py), on pair folders (default: scenes.py rooms)",
+                    choices=["t2i", "pretrain", "reflow", "depth"])
     ckpt: str = arg("", "model to fine-tune: anything sd.load takes "
                         "(default: the demo prior assets/demo/prior_tiny.safetensors)")
     data: str = arg("", "folder of images + same-name .txt captions, or with a metadata.jsonl (file_name, text) "
@@ -82,8 +89,9 @@ class TrainConfig:
     t_sampling: str = arg("uniform", "FM time distribution (diff2flow, fm)", choices=["uniform", "logit_normal"])
     prediction: str = arg(None, "eps or v: override the guess for an original SD2 file whose name does not say",
                           choices=["eps", "v"])
-    lora: str = arg("", "LoRA: a preset (base, small), a rank (64) or a fraction (0.2) of each layer's width, "
-                        "the last two with targets conv+attn1+attn2; empty = full fine-tuning")
+    lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a fraction (0.2) of each layer's width, "
+                          "the last two with targets conv+attn1+attn2; empty = full fine-tuning "
+                          "(default: empty; reflow: small, the paper's rank-64 LoRA, and 16 for the demo)", type=str)
     resolution: int = arg(None, "image side in pixels (shorter side resized, then center crop) "
                                 "(default: 512; the demo prior's 32; pretrain 32)", type=int)
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes "
@@ -98,13 +106,22 @@ class TrainConfig:
     ema: float = arg(None, "EMA decay of the weights that are sampled and saved in final.safetensors (0 = off); "
                            "it warms up as (1 + n) / (10 + n) so that short runs work too "
                            "(default: 0.9999; demo and pretrain 0.999)", type=float)
-    caption_dropout: float = arg(0.1, "fraction of captions replaced by the empty prompt (trains the CFG branch)")
+    caption_dropout: float = arg(None, "fraction of captions replaced by the empty prompt (trains the CFG branch) "
+                                       "(default: 0.1; reflow 0: its student is sampled without CFG)", type=float)
     steps: int = arg(None, "optimizer steps in total (raise it with --resume to train on) "
                            "(default: 1000; demo 600; pretrain: UNet steps, 1500)", type=int)
     vae_steps: int = arg(700, "--task pretrain: VAE steps before the UNet")
     vae: str = arg("", "--task pretrain: skip stage 1 and take the VAE of this file (e.g. an earlier run's "
                        "vae.safetensors)")
     n_images: int = arg(16384, "--task pretrain: synthetic training images the UNet sees (the VAE sees fresh ones)")
+    pairs: str = arg("", "--task reflow: folder of the teacher's (noise, prompt, latent) pairs, made or completed "
+                         "first; --ckpt is the teacher and the student's start (default: OUT/pairs)")
+    n_pairs: int = arg(None, "--task reflow: pairs to make and train on (default: 4096 demo, 10000 SD)", type=int)
+    prompts: str = arg("", "--task reflow: the pairs' prompts, a file with one per line, drawn at random, or 'synth' "
+                           "(synth.py captions: the default with the demo teacher); needed with --ckpt")
+    teacher_steps: int = arg(40, "--task reflow: Euler steps of the teacher's ODE per pair")
+    teacher_cfg: float = arg(None, "--task reflow: the teacher's guidance scale (default: its metadata 'cfg', "
+                                   "else 7.5)", type=float)
     seed: int = arg(0, "seed of the data order, noise, timesteps and caption dropout")
     save_every: int = arg(None, "write ckpt.pt every N steps (0 = only at the end) (default: 500; demo 200)",
                           type=int)
@@ -128,7 +145,8 @@ class TrainConfig:
 
 # fields that must match the checkpoint on --resume (the rest, e.g. --steps, may change)
 SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
-                  "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed")
+                  "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed", "pairs", "n_pairs",
+                  "prompts", "teacher_steps", "teacher_cfg")
 
 
 def fail(msg):
@@ -158,19 +176,36 @@ DEFAULTS = {
     "pretrain": dict(out="runs/pretrain", resolution=32, batch_size=64, warmup=100, ema=0.999, steps=1500, lr=1e-3,
                      save_every=0, sample_every=0, cache=False, workers=0),
 }
+# --task reflow, over the above (reflow.py): fixed pairs, no caption dropout; the tiny UNet (widths 32-64) gets a
+# small LoRA (rank 64 would be full rank there), which keeps the demo's reflow file small
+REFLOW_DEFAULTS = {
+    "sd": dict(out="runs/reflow", lora="small", n_pairs=10000, caption_dropout=0.0),  # small: the paper's rank 64
+    "demo": dict(out="runs/reflow", lora="16", n_pairs=4096, caption_dropout=0.0, steps=1000, cache=False),
+}
 DEMO_DATA = dict(n=4096, seed=0)  # synth.py items 0..n-1 of the training stream, written once to runs/data/
+# --task depth, over the above (depth.py): 64 px (the 32 px prior's 8x8 latents lose too much depth detail: the
+# VAE's own floor, decode(encode(depth)), measured AbsRel 0.127 at 32 px vs 0.097 at 64 px); pairs encoded once
+DEPTH_DEFAULTS = {
+    "sd": dict(out="runs/depth", caption_dropout=0.0, cache=False),
+    "demo": dict(out="runs/depth", resolution=64, batch_size=32, steps=600, caption_dropout=0.0, cache=False),
+}
+DEPTH_DATA = dict(n=4096, seed=scenes.TRAIN_SEED)  # scenes.py training scenes 0..n-1, written once to runs/data/
 
 
 def fill_defaults(cfg: TrainConfig):
     """None fields <- DEFAULTS of this kind of run; the demo's resolution and data come from the prior."""
     kind = "pretrain" if cfg.task == "pretrain" else "sd" if cfg.ckpt else "demo"
-    for k, v in DEFAULTS[kind].items():
+    for k, v in {"lora": "", "caption_dropout": 0.1, **DEFAULTS[kind],
+                 **(REFLOW_DEFAULTS[kind] if cfg.task == "reflow" else {}),
+                 **(DEPTH_DEFAULTS[kind] if cfg.task == "depth" else {})}.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if kind == "demo" and os.path.exists(DEMO_PRIOR):
         cfg.resolution = cfg.resolution or int(file_metadata(DEMO_PRIOR).get("resolution", 32))
-        if not cfg.data:
+        if not cfg.data and cfg.task == "t2i":
             cfg.data = synth_folder(cfg.resolution)
+        if not cfg.data and cfg.task == "depth":
+            cfg.data = scenes_folder(cfg.resolution)
     if cfg.lr is None:
         cfg.lr = (1e-3 if cfg.lora else 2e-4) if kind == "demo" else 1e-4 if cfg.lora else 1e-5
     cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else torch.get_num_threads())
@@ -182,21 +217,32 @@ def file_metadata(path):
         return f.metadata() or {}
 
 
-def synth_folder(resolution):
-    """The demo's training data: synth.py images with captions, written once (deterministic, ~10 s)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "data",
-                        f"shapes-{resolution}px-seed{DEMO_DATA['seed']}-n{DEMO_DATA['n']}")
+def written_once(name, write):
+    """runs/data/NAME, made by write(path) on first use (deterministic data); a 'done' file marks it complete."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "data", name)
     if not os.path.exists(os.path.join(path, "done")):
-        synth.write_folder(path, DEMO_DATA["n"], resolution, DEMO_DATA["seed"])
+        write(path)
         open(os.path.join(path, "done"), "w").close()
     return path
+
+
+def synth_folder(resolution):
+    """The demo's training data: synth.py images with captions (~10 s)."""
+    n, seed = DEMO_DATA["n"], DEMO_DATA["seed"]
+    return written_once(f"shapes-{resolution}px-seed{seed}-n{n}", lambda p: synth.write_folder(p, n, resolution, seed))
+
+
+def scenes_folder(resolution):
+    """--task depth's demo data: scenes.py pairs, rgb/ + depth/ (~4 min)."""
+    n, seed = DEPTH_DATA["n"], DEPTH_DATA["seed"]
+    return written_once(f"scenes-{resolution}px-seed{seed}-n{n}", lambda p: scenes.write_pairs(p, n, resolution, seed))
 
 
 def check_config(cfg: TrainConfig):
     """The mistakes we can name before loading anything. Paths become absolute: they are recorded."""
     if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
         fail(f"--resolution {cfg.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
-    if not cfg.ckpt and cfg.task == "t2i" and not os.path.exists(DEMO_PRIOR):
+    if not cfg.ckpt and cfg.task in ("t2i", "depth") and not os.path.exists(DEMO_PRIOR):
         fail(f"no --ckpt given and the demo prior {os.path.relpath(DEMO_PRIOR)} is missing; pass --ckpt with "
              "an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a diffusers folder or a cached repo id "
              "(or make the demo: scripts/make_demo.sh)")
@@ -212,12 +258,31 @@ def check_config(cfg: TrainConfig):
     cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
     if cfg.task == "pretrain":
         return None
-    if not cfg.data:
+    if cfg.task == "reflow":  # no --data: the teacher makes it
+        check_reflow(cfg)
+    elif not cfg.data and cfg.task == "depth":
+        fail("--data is required with --ckpt: a folder of pairs, rgb/NAME.png + depth/NAME.png (16-bit mm) or .npy")
+    elif not cfg.data:
         fail("--data is required: a folder of images with .txt captions, or with a metadata.jsonl")
     cfg.ckpt = cfg.ckpt or DEMO_PRIOR
     cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a cached repo id
-    cfg.data = os.path.abspath(cfg.data)
+    cfg.data = os.path.abspath(cfg.data) if cfg.data else ""
     return lora_config(cfg.lora) if cfg.lora else None
+
+
+def check_reflow(cfg: TrainConfig):
+    """--task reflow: the teacher is --ckpt or the demo's Diff2Flow model; prompts from a file or synth.py."""
+    if not cfg.ckpt and not os.path.exists(reflow.DEMO_TEACHER):
+        fail(f"no --ckpt given and the demo teacher {os.path.relpath(reflow.DEMO_TEACHER)} is missing; pass --ckpt "
+             "(the teacher) and --prompts FILE (or make the demo: scripts/make_demo.sh)")
+    if cfg.ckpt and not cfg.prompts:
+        fail("--task reflow with --ckpt needs --prompts FILE (one prompt per line) for the teacher's pairs "
+             "(or --prompts synth: synth.py captions, for a tiny-family teacher)")
+    if cfg.n_pairs < 1 or cfg.teacher_steps < 1:
+        fail(f"--n-pairs and --teacher-steps must be >= 1, got {cfg.n_pairs} and {cfg.teacher_steps}")
+    cfg.ckpt = cfg.ckpt or reflow.DEMO_TEACHER
+    cfg.pairs = os.path.abspath(cfg.pairs or os.path.join(cfg.out, "pairs"))
+    cfg.prompts = os.path.abspath(cfg.prompts) if cfg.prompts not in ("", "synth") else cfg.prompts
 
 
 def lora_config(spec: str):
@@ -417,6 +482,8 @@ class TaskData:
     prompts: list  # the sample grids' prompts (text-to-image grids)
     what: str = "images"
     grid: object = None  # (bundle, unet, objective, path, amp) -> writes a PNG; None: text-to-image rows
+    sample: tuple = (SAMPLE_STEPS, SAMPLE_CFG)  # Euler steps and CFG of the text-to-image rows
+    meta: dict = field(default_factory=dict)  # final.safetensors metadata over the base's (reflow: steps=4, cfg=1)
 
 
 def t2i_data(cfg, bundle, device, amp, master, ddp):
@@ -433,9 +500,57 @@ def t2i_data(cfg, bundle, device, amp, master, ddp):
     return TaskData(len(ds), batches, list(dict.fromkeys(ds.captions))[:SAMPLE_N])
 
 
+def reflow_data(cfg, bundle, device, amp, master, ddp):
+    """--task reflow: the teacher's (noise, prompt, latent) pairs (reflow.py), made first where missing (each DDP
+    rank its own shards); the teacher is the loaded --ckpt, before training touches it. Prompts are encoded per
+    micro-batch by the frozen text encoder: the pairs store text, not embeddings."""
+    spec, prompt_list = reflow.pair_spec(bundle, cfg.ckpt, cfg.prompts, cfg.teacher_steps, cfg.teacher_cfg,
+                                         cfg.seed, reflow.SHARD_SIZE, cfg.resolution)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    reflow.generate_pairs(bundle, cfg.pairs, spec, cfg.n_pairs, prompt_list, rank, world, device, amp, master)
+    if ddp:
+        dist.barrier()  # every rank's shards are written
+    pairs = reflow.load_pairs(cfg.pairs, cfg.n_pairs)
+
+    def batches(position, rank, world):
+        for idx in map(torch.tensor, batch_indices(cfg, len(pairs), position, rank, world)):
+            with torch.no_grad(), amp():
+                context = bundle.encode_prompt([pairs.prompts[i] for i in idx]).float().to(device)
+            yield {"x1": pairs.x1[idx].to(device), "noise": pairs.noise[idx].to(device), "context": context}
+    meta = dict(steps=reflow.STUDENT_STEPS, cfg=reflow.STUDENT_CFG, teacher_steps=spec.steps, teacher_cfg=spec.cfg,
+                n_pairs=len(pairs))
+    return TaskData(len(pairs), batches, pairs.prompts[:SAMPLE_N], "pairs",
+                    sample=(reflow.STUDENT_STEPS, reflow.STUDENT_CFG), meta=meta)
+
+
+def depth_data(cfg, bundle, device, amp, master, ddp):
+    """--task depth: (image, depth) pairs from --data (depth.PairDataset), encoded once: x1 = the depth latent,
+    cond = the image latent, context = the empty prompt. The prior's UNet gets its first conv widened to take
+    both (depth.expand_first_conv); a depth model given as --ckpt is trained on as it is."""
+    ucfg = bundle.unet.cfg
+    if ucfg.in_channels == ucfg.out_channels:
+        depth.expand_first_conv(bundle.unet)
+    try:
+        depth.check_depth_model(bundle, cfg.ckpt)
+        ds = depth.PairDataset(cfg.data)
+        with amp():
+            x1, cond = depth.encode_pairs(bundle, ds, cfg.resolution)
+    except depth.DepthError as e:
+        fail(str(e))
+    empty = bundle.encode_prompt([""]).float().to(device)  # (1, 77, width), the only text
+
+    def batches(position, rank, world):
+        for idx in map(torch.tensor, batch_indices(cfg, len(ds), position, rank, world)):
+            yield {"x1": x1[idx].to(device), "cond": cond[idx].to(device), "context": empty.expand(len(idx), -1, -1)}
+
+    def grid(bundle, unet, objective, path, amp):  # the first 4 pairs: image, target, prediction
+        depth.sample_grid(bundle, unet, objective, x1[:4].to(device), cond[:4].to(device), empty, path, amp)
+    return TaskData(len(ds), batches, [""], "depth pairs", grid=grid, meta=dict(steps=10, ensemble=4))
+
+
 # task -> fn(cfg, bundle, device, amp, master, ddp) -> TaskData. It runs before the UNet is set up for
 # training, so it may also adapt bundle.unet (depth widens the first conv to take the image latent).
-TASK_DATA = {"t2i": t2i_data}
+TASK_DATA = {"t2i": t2i_data, "reflow": reflow_data, "depth": depth_data}
 
 
 def draw(cfg, objective, step, n, shape, T, device):
@@ -454,12 +569,12 @@ def draw(cfg, objective, step, n, shape, T, device):
 # ----------------------------------------------------------------------------- samples and outputs
 
 @torch.no_grad()
-def sample_grid(bundle, unet, objective, context, uncond, noise, path, amp):
+def sample_grid(bundle, unet, objective, context, uncond, noise, path, amp, steps=SAMPLE_STEPS, cfg=SAMPLE_CFG):
     """One row of images for the fixed prompts and noise, saved atomically as PNG."""
     model = diff2flow.velocity_model(unet, bundle.alphas_cumprod, bundle.prediction, objective)
     unet.eval()
     with amp():
-        z = diff2flow.sample_euler(model, noise, SAMPLE_STEPS, context, uncond, SAMPLE_CFG)
+        z = diff2flow.sample_euler(model, noise, steps, context, uncond, cfg)
         images = bundle.vae.decode(z.to(next(bundle.vae.parameters()).dtype)).float()
     unet.train()
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, 3, H, W)
@@ -469,15 +584,15 @@ def sample_grid(bundle, unet, objective, context, uncond, noise, path, amp):
     os.replace(tmp, path)
 
 
-def save_final(cfg, path, bundle, unet, lora_cfg, step):
+def save_final(cfg, path, bundle, unet, lora_cfg, step, meta=None):
     """final.safetensors: what sample.py loads with no flags (objective + prediction + resolution in the
     metadata). LoRA: only the trained tensors; the metadata names the base (absolute path or repo id)."""
-    extra = dict(resolution=cfg.resolution, train_steps=step, task=cfg.task)
+    extra = dict(resolution=cfg.resolution, train_steps=step, task=cfg.task, **(meta or {}))
     if lora_cfg:
         lora.save_lora(unet, path, lora_cfg, base=cfg.ckpt, objective=objective_name(cfg),
                        prediction=bundle.prediction, **extra)
     else:  # sd.save records the bundle's objective and prediction itself; the base's sampling defaults stay
-        extra.update({k: bundle.meta[k] for k in ("cfg", "steps") if k in bundle.meta})  # (a LoRA reads its base's)
+        extra = {**{k: bundle.meta[k] for k in ("cfg", "steps") if k in bundle.meta}, **extra}  # (a LoRA: its base's)
         sd.save(dataclasses.replace(bundle, unet=unet, objective=objective_name(cfg)), path, **extra)
 
 
@@ -715,7 +830,7 @@ def train(cfg, lora_cfg, ddp, rank, world):
     def grid(path):
         if data.grid:
             return data.grid(bundle, unet, objective, path, amp)
-        sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise, path, amp)
+        sample_grid(bundle, unet, objective, sample_ctx, empty, sample_noise, path, amp, *data.sample)
 
     if master:
         log = open_log(os.path.join(cfg.out, "log.jsonl"), start)
@@ -778,9 +893,10 @@ def train(cfg, lora_cfg, ddp, rank, world):
     if master:
         log.close()
         with ema.applied() if ema else nullcontext():
-            save_final(cfg, final, bundle, unet, lora_cfg, cfg.steps)
-        print(f"wrote {final} ({objective}{', LoRA ' + cfg.lora if lora_cfg else ''}); "
-              f"try: python sample.py --ckpt {final} --prompt {json.dumps(prompts[0] if prompts else '')}")
+            save_final(cfg, final, bundle, unet, lora_cfg, cfg.steps, data.meta)
+        try_it = (f"python depth.py IMAGE --ckpt {final}" if cfg.task == "depth" else
+                  f"python sample.py --ckpt {final} --prompt {json.dumps(prompts[0] if prompts else '')}")
+        print(f"wrote {final} ({objective}{', LoRA ' + cfg.lora if lora_cfg else ''}); try: {try_it}")
     return final
 
 

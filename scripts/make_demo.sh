@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled demo, assets/demo/{prior_tiny,d2f_tiny}.safetensors (fp16, ~23 MB together), from scratch:
+# Rebuild the bundled demo, assets/demo/{prior_tiny,d2f_tiny,reflow_tiny}.safetensors (fp16, ~24 MB), from scratch:
 #   1. the tiny prior: python train.py --task pretrain (VAE, then UNet + text encoder; ~20 min on 2 cores)
 #   2. its Diff2Flow fine-tune: python train.py --task t2i with no other arguments (~3 min), saved UNet-only:
 #      sd.load() takes the VAE and text encoder from the prior it names (base=), which keeps the demo small.
@@ -12,7 +12,7 @@ FAST=()
 if [[ "${1:-}" == "--fast" ]]; then FAST=(--steps 4); DEST=runs/demo-fast; fi
 export DEST
 mkdir -p "$DEST"
-rm -rf runs/pretrain runs/t2i
+rm -rf runs/pretrain runs/t2i runs/reflow
 python train.py --task pretrain --out runs/pretrain "${FAST[@]}" ${FAST:+--vae-steps 4 --n-images 256}
 python - <<'PY'
 import os, torch, sd
@@ -27,5 +27,20 @@ b = sd.load("runs/t2i/final.safetensors")  # a Diff2Flow model: 4 Euler steps ar
 sd.save(b, os.environ["DEST"] + "/d2f_tiny.safetensors", dtype=torch.float16, base="prior_tiny.safetensors",
         resolution=b.meta["resolution"], steps=4, cfg=b.meta["cfg"], train_steps=b.meta["train_steps"])
 PY
+# 3. its reflow: python train.py --task reflow (4096 teacher pairs of d2f_tiny, 40 steps, CFG 4; then a LoRA rank 16;
+#    ~15 min), saved as an fp16 LoRA (< 1 MB) naming d2f_tiny as its base; sample.py's default demo model (4 steps,
+#    no CFG). Its teacher is assets/demo/d2f_tiny.safetensors (with --fast: the committed one).
+python train.py --task reflow --out runs/reflow "${FAST[@]}" ${FAST:+--n-pairs 64 --teacher-steps 2}
+python - <<'PY'
+import os
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+src = "runs/reflow/final.safetensors"
+with safe_open(src, "pt") as f:  # steps=4, cfg=1.0, objective, LoRA config; the base relative to the demo folder
+    meta = {**f.metadata(), "base_model": "d2f_tiny.safetensors"}
+save_file({k: v.half() for k, v in load_file(src).items()}, os.environ["DEST"] + "/reflow_tiny.safetensors",
+          metadata=meta)
+PY
 ls -l "$DEST"
-python sample.py --ckpt "$DEST/d2f_tiny.safetensors" --prompt "a red circle on a blue background" --steps 4 --out runs/demo_samples
+python sample.py --ckpt "$DEST/reflow_tiny.safetensors" --prompt "a red circle on a blue background" \
+    --out runs/demo_samples

@@ -73,6 +73,18 @@ def test_reproduce_quick_writes_results_and_plot(prior, tmp_path):
     z = res["zero_shot"]
     assert z["diff2flow (Euler)"]["fm_loss"] == z["DDIM"]["fm_loss"]
     json.dumps(res)  # results.json is plain JSON
+    assert len(res["spread"]["mean_fd"]) == 3 and set(res["ddim"]) == {"diffusion-full", "diffusion-lora"}
+    # --report re-renders from results.json alone (str keys after JSON), measuring nothing new
+    (tmp_path / "RESULTS.md").unlink()
+    again = evaluate.main(["reproduce", "--quick", "--prior", prior, "--out", str(tmp_path), "--report"])
+    assert again["spread"] == json.loads(json.dumps(res["spread"]))
+    assert (tmp_path / "RESULTS.md").read_text().count("<!-- begin finetune -->") == 1
+
+
+def test_beats_needs_a_margin_beyond_twice_the_seed_spread():
+    assert evaluate.beats(10.1, 5.0) == "**reproduces**"
+    assert "tie" in evaluate.beats(9.9, 5.0) and "tie" in evaluate.beats(-9.9, 5.0)
+    assert evaluate.beats(-10.1, 5.0) == "**does not reproduce**"
 
 
 @pytest.mark.skipif(not os.path.exists(train.DEMO_PRIOR), reason="needs the demo prior (scripts/make_demo.sh)")

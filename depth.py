@@ -1,0 +1,598 @@
+"""Image-to-depth with a Stable Diffusion UNet fine-tuned Marigold-style, trained with Diff2Flow
+(arXiv 2506.02221, section on depth), naive FM or the diffusion loss.
+
+    python depth.py photo.jpg more.png some_folder/           # the bundled tiny demo (synthetic rooms)
+    python depth.py img.png --ckpt runs/depth/final.safetensors --steps 4 --ensemble 8 --uncertainty
+
+For each input it writes to --out (default out/depth): NAME_depth.png (colour, near = warm), NAME_depth16.png
+(16-bit relative depth) and NAME_depth.npy (float32); with --uncertainty also NAME_uncertainty.png.
+
+The model. The UNet takes 8 input channels, the noisy depth latent then the image latent (the image's
+VAE latent mean, concatenated along channels); its first conv is the prior's with the weights copied
+for the image half and both halves halved (expand_first_conv), so at the start of fine-tuning an image
+latent equal to the noisy latent gives exactly the prior's first layer. Text: the empty prompt, encoded
+once. It is a flow from noise (t = 0) to the depth latent (t = 1), sampled with Euler steps.
+
+Depth encoding (normalize_depth): log depth, per image mapped to [-1, 1] by its 2% and 98% quantiles over
+the valid pixels (Marigold's quantiles; log depth as the Diff2Flow paper: equal relative errors weigh the
+same near and far), clipped, invalid pixels set to 1 (far: in our scenes they are sky; the latent loss has
+no pixel mask), replicated to 3 channels and VAE-encoded; decoding averages the 3 channels. So the model
+predicts affine-invariant LOG depth: y = a log(depth) + b for unknown a > 0, b. Outputs are r = (y + 1) / 2
+in [0, 1] (0 = near): `NAME_depth.npy` holds r, `NAME_depth16.png` holds round(65535 r).
+
+Colour map (colorize): ColorBrewer's "Spectral" by linear interpolation between its 5 stops, near = dark
+red, then orange, pale yellow, green, far = blue-violet: SPECTRAL below.
+
+Ensembling (ensemble_median): --ensemble N predictions from different noise; each is aligned to their
+pixelwise median by least squares (scale and shift), then the pixelwise median of the aligned members
+is the prediction and their standard deviation the uncertainty map.
+
+Data: a folder of pairs (PairDataset), as scenes.py writes it:
+    DIR/rgb/NAME.png|jpg        the image
+    DIR/depth/NAME.png          16-bit, millimetres (0 = invalid)  -- or DIR/depth/NAME.npy, metres (0/nan/inf = invalid)
+    DIR/mask/NAME.png           optional: nonzero = valid
+Hypersim: render the tone-mapped `scene_cam_XX_final_preview/frame.IIII.tonemap.jpg` to rgb/, and convert
+`frame.IIII.depth_meters.hdf5` (distance along the ray) to planar depth, depth * f / sqrt(f^2 + u^2 + v^2)
+(u, v pixel offsets from the centre, f = 886.81 px at 1024x768), as .npy metres to depth/. Virtual KITTI 2:
+rgb/ from `frames/rgb/Camera_0/rgb_IIIII.jpg`, depth/ from `frames/depth/Camera_0/depth_IIIII.png`, which is
+already 16-bit but in CENTIMETRES: multiply by 10, and mark the sky (655.35 m) invalid (0) or in mask/.
+
+Evaluation (depth_metrics, `python evaluate.py depth`): Marigold's protocol: valid = gt valid and inside the
+dataset's [min, max] depth; the prediction is aligned by least squares (scale and shift) on the valid
+pixels -- in log depth, the space our model is affine-invariant in (scale and shift in depth space, as for
+Marigold's affine-invariant depth, is reported beside it: depth_abs_rel, depth_delta1) --, converted to depth,
+clipped to [min, max]; then AbsRel, delta1..3 and RMSE per image, averaged over images.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+import diff2flow
+import sd
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+QUANTILES = (0.02, 0.98)  # Marigold's robust per-image depth range
+# ColorBrewer "Spectral" (as matplotlib's), reversed so that 0 = near = warm
+SPECTRAL = np.array([(158, 1, 66), (244, 109, 67), (255, 255, 191), (102, 194, 165), (94, 79, 162)], float)
+UNCERTAINTY_WHITE = 0.25  # ensemble std of r shown as white in NAME_uncertainty.png
+DEPTH_RANGES = {"scenes": (0.1, 30.0), "hypersim": (1e-3, 65.0), "nyu": (1e-3, 10.0), "kitti": (1e-5, 80.0),
+                "vkitti": (1e-5, 80.0)}  # (min, max) metres, as Marigold's evaluation (scenes: ours)
+
+
+class DepthError(ValueError):
+    """A file or folder cannot be used; the message is one line saying what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------- depth <-> latents
+
+def normalize_depth(depth, valid):
+    """Metric depth (B, 1, H, W) and valid mask -> per-image log depth in [-1, 1] by the 2%/98% quantiles
+    of the valid pixels; invalid pixels = 1 (far). An image with no valid pixel is all 1."""
+    out = torch.ones_like(depth, dtype=torch.float32)
+    for i in range(len(depth)):
+        v = valid[i] & (depth[i] > 0) & torch.isfinite(depth[i])
+        if not v.any():
+            continue
+        logd = depth[i][v].double().log()
+        lo, hi = torch.quantile(logd, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        y = (logd - lo) / max(hi - lo, 1e-6) * 2 - 1
+        out[i][v] = y.clamp(-1, 1).float()
+    return out
+
+
+@torch.no_grad()
+def encode_depth(vae, y):
+    """Normalised depth (B, 1, H, W) in [-1, 1] -> scaled latent means (B, 4, H/f, W/f): as a grey image."""
+    return vae.encode(y.expand(-1, 3, -1, -1).to(next(vae.parameters()).dtype)).float()
+
+
+@torch.no_grad()
+def decode_depth(vae, z):
+    """Latents -> normalised depth (B, 1, H, W): the decoded image's 3 channels averaged, clipped to [-1, 1]."""
+    return vae.decode(z.to(next(vae.parameters()).dtype)).float().mean(1, keepdim=True).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+@torch.no_grad()
+def expand_first_conv(unet):
+    """The prior's UNet -> its depth version (in place, returned): input_blocks.0.0 takes [noisy latent,
+    image latent] (2C channels) with weight [W/2, W/2] and the same bias, so conv([x, x]) = conv_prior(x)."""
+    old = unet.input_blocks[0][0]
+    c = old.in_channels
+    new = nn.Conv2d(2 * c, old.out_channels, old.kernel_size, padding=old.padding,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.copy_(torch.cat([old.weight, old.weight], 1) / 2)  # (out, 2C, k, k)
+    new.bias.copy_(old.bias)
+    new.requires_grad_(old.weight.requires_grad)
+    unet.input_blocks[0][0] = new
+    unet.cfg = type(unet.cfg)(**{**vars(unet.cfg), "in_channels": 2 * c})  # a copy: presets stay untouched
+    return unet
+
+
+def check_depth_model(bundle, path):
+    ucfg = bundle.unet.cfg
+    if ucfg.in_channels != 2 * ucfg.out_channels:
+        raise DepthError(f"{path}: its UNet takes {ucfg.in_channels} input channels, a depth model takes "
+                         f"{2 * ucfg.out_channels}; pass a checkpoint written by train.py --task depth")
+
+
+# ----------------------------------------------------------------------------- alignment and ensembling
+
+def fit_scale_shift(x, y, valid=None):
+    """Least squares a, b minimising sum_valid (a x + b - y)^2, over the last dims: x, y (..., N) -> a, b (...)."""
+    w = torch.ones_like(x) if valid is None else valid.to(x.dtype)
+    n = w.sum(-1).clamp(min=1)
+    mx, my = (w * x).sum(-1) / n, (w * y).sum(-1) / n
+    cov = (w * (x - mx[..., None]) * (y - my[..., None])).sum(-1)
+    var = (w * (x - mx[..., None]) ** 2).sum(-1)
+    a = cov / var.clamp(min=1e-12)  # a constant x: a = 0, b = mean(y)
+    return a, my - a * mx
+
+
+def ensemble_median(members):
+    """(E, H, W) predictions -> median (H, W) of the members aligned to their median, and their std."""
+    flat = members.flatten(1).double()  # (E, HW)
+    ref = flat.median(0).values if len(flat) % 2 else flat.quantile(0.5, dim=0)
+    a, b = fit_scale_shift(flat, ref.expand_as(flat))
+    aligned = a[:, None] * flat + b[:, None]
+    med = aligned.quantile(0.5, dim=0)
+    spread = aligned.std(0) if len(flat) > 1 else torch.zeros_like(med)
+    return med.view(members.shape[1:]).float(), spread.view(members.shape[1:]).float()
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def size_multiple(bundle):
+    """Pixel sides must be multiples of the VAE's factor x the UNet's downsamplings (16 for the tiny family)."""
+    return bundle.vae.downsample * 2 ** (len(bundle.unet.cfg.channel_mult) - 1)
+
+
+def processing_size(H, W, res, multiple):
+    """(h, w): the longer side -> res, aspect kept, each side rounded to a multiple of `multiple`."""
+    s = res / max(H, W)
+    return (max(multiple, round(H * s / multiple) * multiple), max(multiple, round(W * s / multiple) * multiple))
+
+
+@torch.no_grad()
+def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None):
+    """One image (3, H, W) in [-1, 1] -> (normalised log depth (H, W) in [-1, 1], -1 = near, and the
+    ensemble's spread (H, W)), computed at res (default: the model's resolution), returned at H x W."""
+    H, W = image.shape[1:]
+    vae, unet = bundle.vae, bundle.unet
+    device = next(unet.parameters()).device
+    res = res or int(bundle.meta.get("resolution", 64))
+    h, w = processing_size(H, W, res, size_multiple(bundle))
+    x = F.interpolate(image[None].float(), (h, w), mode="bilinear", antialias=True, align_corners=False)
+    cond = vae.encode(x.to(device, next(vae.parameters()).dtype)).float()  # (1, 4, h/f, w/f)
+    context = bundle.encode_prompt([""]) if context is None else context
+    model = diff2flow.velocity_model(diff2flow.ConcatCond(unet, cond.expand(ensemble, -1, -1, -1)), bundle.alphas_cumprod,
+                                     bundle.prediction, bundle.objective)
+    noise = torch.randn((ensemble, *cond.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(device)
+    z = diff2flow.sample_euler(model, noise, steps, context.expand(ensemble, -1, -1))
+    y, spread = ensemble_median(decode_depth(vae, z)[:, 0].cpu())  # (h, w) each
+    up = F.interpolate(torch.stack([y, spread])[None], (H, W), mode="bilinear", align_corners=False)[0]
+    return up[0].clamp(-1, 1), up[1]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def depth_metrics(pred, gt, valid, dmin, dmax, align="log"):
+    """One image: prediction (H, W) (affine-invariant log depth for align='log', depth for 'depth'), metric
+    ground truth and valid mask -> AbsRel, delta1..3, RMSE after least-squares scale-and-shift alignment on
+    the valid pixels inside [dmin, dmax], the aligned depth clipped to [dmin, dmax] (Marigold's protocol)."""
+    v = valid & torch.isfinite(gt) & (gt > dmin) & (gt < dmax)
+    p, g = pred[v].double(), gt[v].double()
+    if len(g) == 0:
+        raise DepthError("no valid ground-truth pixel inside the dataset's depth range; check --min/--max-depth")
+    if align == "log":
+        a, b = fit_scale_shift(p, g.log())
+        d = (a * p + b).exp()
+    elif align == "depth":
+        a, b = fit_scale_shift(p, g)
+        d = a * p + b
+    else:
+        raise ValueError(f"align must be 'log' or 'depth', got {align!r}")
+    d = d.clamp(dmin, dmax)
+    ratio = torch.maximum(d / g, g / d)
+    out = {"abs_rel": ((d - g).abs() / g).mean(), "rmse": ((d - g) ** 2).mean().sqrt()}
+    out.update({f"delta{k}": (ratio < 1.25 ** k).double().mean() for k in (1, 2, 3)})
+    return {k: float(x) for k, x in out.items()}
+
+
+def mean_metrics(rows):
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_image(path):
+    """Any PNG/JPEG (RGB, RGBA onto white, grey, 16-bit grey, palette) -> (3, H, W) float32 in [-1, 1]."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit (or 32-bit) grey: scale by its range
+                a = np.asarray(im, dtype=np.float64)
+                a = a / (65535.0 if a.max() > 255 else 255.0)
+                a = np.repeat(a[..., None], 3, 2)
+            else:
+                if im.mode in ("RGBA", "LA", "P", "PA"):
+                    im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+                a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DepthError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(a.clip(0, 1)).permute(2, 0, 1).float() * 2 - 1
+
+
+def read_depth(path):
+    """depth/NAME.png (16-bit millimetres) or .npy (metres) -> (H, W) float32 metres; 0 where invalid."""
+    try:
+        if path.endswith(".npy"):
+            d = np.load(path, allow_pickle=False).astype(np.float32)
+        else:
+            with Image.open(path) as im:
+                d = np.asarray(im, dtype=np.float32)
+                if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                    raise DepthError(f"{path}: a {im.mode} PNG; depth PNGs must be 16-bit millimetres")
+                d = d / 1000.0
+    except (OSError, ValueError) as e:
+        raise DepthError(f"{path}: cannot read depth ({type(e).__name__}: {e})") from None
+    d = np.squeeze(d)
+    if d.ndim != 2:
+        raise DepthError(f"{path}: depth must be one channel (H, W), got shape {d.shape}")
+    return torch.from_numpy(np.where(np.isfinite(d) & (d > 0), d, 0).astype(np.float32))
+
+
+class PairDataset:
+    """A pair folder (module docstring): item i -> (image (3, H, W) in [-1, 1], depth (H, W) metres,
+    valid (H, W) bool), at the files' own size."""
+
+    def __init__(self, root):
+        self.root = os.fspath(root)
+        rgb = os.path.join(self.root, "rgb")
+        if not os.path.isdir(rgb) or not os.path.isdir(os.path.join(self.root, "depth")):
+            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python scenes.py --out DIR writes one)")
+        names = sorted(f for f in os.listdir(rgb) if f.lower().endswith(IMAGE_EXTS))
+        self.items = [(os.path.join(rgb, f), self._depth_file(os.path.splitext(f)[0])) for f in names]
+        missing = [os.path.basename(r) for r, d in self.items if d is None]
+        if missing:
+            raise DepthError(f"{self.root}: {len(missing)} images have no depth/NAME.png or .npy: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if not self.items:
+            raise DepthError(f"{self.root}: rgb/ holds no images ({' '.join(IMAGE_EXTS)})")
+
+    def _depth_file(self, stem):
+        for ext in (".png", ".npy"):
+            p = os.path.join(self.root, "depth", stem + ext)
+            if os.path.isfile(p):
+                return p
+        return None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        rgb_path, depth_path = self.items[i]
+        image, depth = read_image(rgb_path), read_depth(depth_path)
+        if image.shape[1:] != depth.shape:
+            raise DepthError(f"{rgb_path}: image {tuple(image.shape[1:])} and depth {tuple(depth.shape)} differ in size")
+        valid = depth > 0
+        mask = os.path.join(self.root, "mask", os.path.splitext(os.path.basename(rgb_path))[0] + ".png")
+        if os.path.isfile(mask):
+            with Image.open(mask) as m:
+                valid &= torch.from_numpy(np.asarray(m.convert("L")) > 0)
+        return image, depth, valid
+
+
+def square(x, resolution, mode):
+    """(C, H, W) -> (C, R, R): shorter side resized to R, centre crop (nearest for depth and masks)."""
+    H, W = x.shape[1:]
+    s = resolution / min(H, W)
+    h, w = max(resolution, round(H * s)), max(resolution, round(W * s))
+    kw = dict(mode="bilinear", antialias=True, align_corners=False) if mode == "bilinear" else dict(mode="nearest")
+    y = F.interpolate(x[None].float(), (h, w), **kw)[0]
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+    return y[:, top:top + resolution, left:left + resolution]
+
+
+@torch.no_grad()
+def encode_pairs(bundle, ds, resolution, batch=64):
+    """Every pair at resolution x resolution -> depth latents x1 (N, 4, r, r) and image latents (N, 4, r, r),
+    on the CPU (train.py --task depth encodes its data once: it is small)."""
+    x1, cond = [], []
+    for start in tqdm(range(0, len(ds), batch), desc="encoding depth pairs", dynamic_ncols=True):
+        items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
+        images = torch.stack([square(im, resolution, "bilinear") for im, _, _ in items])
+        depth = torch.stack([square(d[None], resolution, "nearest") for _, d, _ in items])
+        valid = torch.stack([square(v[None], resolution, "nearest") > 0.5 for _, _, v in items])
+        p = next(bundle.vae.parameters())
+        x1.append(encode_depth(bundle.vae, normalize_depth(depth, valid).to(p.device)).cpu())
+        cond.append(bundle.vae.encode(images.to(p.device, p.dtype)).float().cpu())
+    return torch.cat(x1), torch.cat(cond)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(bundle, ds, steps, ensemble, seed=0, res=None, drange=DEPTH_RANGES["scenes"], n=None):
+    """Metrics of predict(bundle, ., steps, ensemble) over the first n pairs of ds, averaged per image: AbsRel,
+    delta1..3, RMSE aligned in log depth, plus depth-space-aligned AbsRel and delta1 ("depth_" keys), and the
+    seconds per image (model call, this machine). Image i uses noise seed + i."""
+    context, rows, seconds = bundle.encode_prompt([""]), [], 0.0
+    for i in tqdm(range(min(n or len(ds), len(ds))), desc=f"{bundle.name} steps {steps} ens {ensemble}",
+                  dynamic_ncols=True, leave=False):
+        image, gt, valid = ds[i]
+        t0 = time.perf_counter()
+        y, _ = predict(bundle, image, steps, ensemble, seed + i, res, context)
+        seconds += time.perf_counter() - t0
+        rows.append(image_metrics(y, gt, valid, drange))
+    return {**mean_metrics(rows), "sec_per_image": seconds / len(rows), "n": len(rows)}
+
+
+def image_metrics(y, gt, valid, drange):
+    m = depth_metrics(y, gt, valid, *drange, align="log")
+    d = depth_metrics(y, gt, valid, *drange, align="depth")
+    return {**m, "depth_abs_rel": d["abs_rel"], "depth_delta1": d["delta1"]}
+
+
+@torch.no_grad()
+def vae_floor(bundle, ds, res, drange=DEPTH_RANGES["scenes"], n=None):
+    """The best any prediction through this VAE can do: decode(encode(normalised ground truth)), at the
+    processing resolution and back, scored like a prediction."""
+    rows = []
+    for i in range(min(n or len(ds), len(ds))):
+        image, gt, valid = ds[i]
+        H, W = gt.shape
+        h, w = processing_size(H, W, res, size_multiple(bundle))
+        d = F.interpolate(gt[None, None], (h, w), mode="nearest")
+        v = F.interpolate(valid[None, None].float(), (h, w), mode="nearest") > 0.5
+        y = decode_depth(bundle.vae, encode_depth(bundle.vae, normalize_depth(d, v).to(next(bundle.vae.parameters()).device)))
+        y = F.interpolate(y.cpu(), (H, W), mode="bilinear", align_corners=False)[0, 0]
+        rows.append(image_metrics(y, gt, valid, drange))
+    return mean_metrics(rows)
+
+
+def heldout_scenes(size=64, n=128):
+    """The held-out test scenes (scenes.TEST_SEED, never trained on), written once to runs/data/."""
+    import scenes
+    path = os.path.join(ROOT, "runs", "data", f"scenes-{size}px-seed{scenes.TEST_SEED}-n{n}")
+    if not os.path.exists(os.path.join(path, "done")):
+        scenes.write_pairs(path, n, size, scenes.TEST_SEED)
+        open(os.path.join(path, "done"), "w").close()
+    return path
+
+
+def mean_depth_map(ds, res):
+    """The dataset's prior: the pixelwise mean of the pairs' normalised log depth at res x res, (res, res)."""
+    total = torch.zeros(res, res)
+    for i in tqdm(range(len(ds)), desc="mean depth map", dynamic_ncols=True, leave=False):
+        _, d, v = ds[i]
+        total += normalize_depth(square(d[None], res, "nearest")[None], square(v[None], res, "nearest")[None] > 0.5)[0, 0]
+    return total / len(ds)
+
+
+def evaluate_constant(y, ds, drange, n=None):
+    """Metrics of one fixed prediction y (h, w) for every pair, resized to each: a baseline that ignores the image."""
+    rows = [image_metrics(F.interpolate(y[None, None], gt.shape, mode="bilinear", align_corners=False)[0, 0], gt,
+                          valid, drange) for _, gt, valid in (ds[i] for i in range(min(n or len(ds), len(ds))))]
+    return mean_metrics(rows)
+
+
+def evaluate_models(ckpts, data, steps=(1, 2, 4, 10), ensembles=(1, 4), n=None, drange=DEPTH_RANGES["scenes"],
+                    res=None, seed=0, baseline=None):
+    """Every model x steps x ensemble on the pair folder `data` (+ each VAE's floor, + with `baseline`, a pair
+    folder of training data, its mean depth map as a prediction) -> list of result rows."""
+    ds, rows = PairDataset(data), []
+    if baseline:
+        mean = mean_depth_map(PairDataset(baseline), res or 64)
+        rows.append({"model": os.path.basename(os.path.normpath(baseline)), "objective": "mean depth map",
+                     "steps": 0, "ensemble": 0, **evaluate_constant(mean, ds, drange, n), "sec_per_image": 0.0})
+    for ckpt in ckpts:
+        bundle = load_model(ckpt)
+        r = res or int(bundle.meta.get("resolution", 64))
+        rows.append({"model": bundle.name, "objective": "VAE floor", "steps": 0, "ensemble": 0,
+                     **vae_floor(bundle, ds, r, drange, n), "sec_per_image": 0.0})
+        for s in steps:
+            for e in ensembles:
+                m = evaluate(bundle, ds, s, e, seed, r, drange, n)
+                rows.append({"model": bundle.name, "objective": bundle.objective, "steps": s, "ensemble": e, **m})
+                print(markdown_table(rows[-1:], header=False))
+    return rows
+
+
+def markdown_table(rows, header=True):
+    head = ("| model | objective | steps | ensemble | AbsRel | delta1 | delta2 | delta3 | RMSE (m) | "
+            "AbsRel / delta1, depth-space alignment | s / image |\n|" + "---|" * 11 + "\n")
+    lines = [f"| {r['model']} | {r['objective']} | {r['steps'] or '-'} | {r['ensemble'] or '-'} | "
+             f"{r['abs_rel']:.4f} | {r['delta1']:.4f} | {r['delta2']:.4f} | {r['delta3']:.4f} | {r['rmse']:.3f} | "
+             f"{r['depth_abs_rel']:.4f} / {r['depth_delta1']:.4f} | {r['sec_per_image']:.3f} |" for r in rows]
+    return (head if header else "") + "\n".join(lines)
+
+
+def results_section(rows, command, data):
+    """RESULTS.md's depth section: AbsRel and delta1 by objective x ensemble (columns: steps), the VAE floor,
+    the time per image, and which objective wins at each step count."""
+    models = [r for r in rows if r["steps"]]
+    steps, ens = sorted({r["steps"] for r in models}), sorted({r["ensemble"] for r in models})
+    get = {(r["objective"], r["steps"], r["ensemble"]): r for r in models}
+    objectives = list(dict.fromkeys(r["objective"] for r in models))
+    cells = lambda r, key: " | ".join(f"{r(s)[key]:.4f}" for s in steps)  # one row's values at every step count
+    out = [f"`{command}`: {models[0]['n']} pairs of {os.path.relpath(data, ROOT)}, per-image metrics "
+           "after least-squares scale-and-shift alignment in log depth, clipped to the depth range; "
+           "time per image on this machine, 1 CPU thread.", "",
+           "| objective | ensemble | " + " | ".join(f"AbsRel @{s}" for s in steps) + " | "
+           + " | ".join(f"delta1 @{s}" for s in steps) + " | s / image @" + str(steps[-1]) + " |",
+           "|" + "---|" * (3 + 2 * len(steps))]
+    for o in objectives:
+        for e in ens:
+            at = lambda s: get[(o, s, e)]
+            out.append(f"| {o} | {e} | {cells(at, 'abs_rel')} | {cells(at, 'delta1')} | "
+                       f"{at(steps[-1])['sec_per_image']:.3f} |")
+    for r in {r["objective"]: r for r in rows if not r["steps"]}.values():  # the models share the prior's VAE
+        out.append(f"| {r['objective']} | - | {cells(lambda s: r, 'abs_rel')} | {cells(lambda s: r, 'delta1')} | - |")
+    out.append("")
+    for e in ens:
+        wins = [min(objectives, key=lambda o: get[(o, s, e)]["abs_rel"]) for s in steps]
+        out.append(f"- ensemble {e}: lowest AbsRel at " + ", ".join(f"{s} step{'s' * (s > 1)}: {w}"
+                                                                      for s, w in zip(steps, wins)) + ".")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def colorize(r):
+    """Relative depth (H, W) in [0, 1], 0 = near -> RGB uint8 (H, W, 3) by the SPECTRAL ramp (near = red)."""
+    x = np.clip(np.asarray(r, dtype=np.float64), 0, 1) * (len(SPECTRAL) - 1)
+    i = np.minimum(np.floor(x).astype(int), len(SPECTRAL) - 2)  # segment index; x = 1 ends the last one
+    w = (x - i)[..., None]
+    return np.round((1 - w) * SPECTRAL[i] + w * SPECTRAL[i + 1]).astype(np.uint8)
+
+
+def save_png(array, path, info=None):
+    """Atomically (temp file + rename), with text metadata."""
+    png = PngInfo()
+    for k, v in (info or {}).items():
+        png.add_text(k, str(v))
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(array).save(tmp, pnginfo=png)
+    os.replace(tmp, path)
+
+
+def write_outputs(out, stem, y, spread, info, uncertainty):
+    """y (H, W) normalised log depth in [-1, 1] -> NAME_depth.png (colour), NAME_depth16.png, NAME_depth.npy."""
+    r = ((y.numpy() + 1) / 2).clip(0, 1).astype(np.float32)  # relative log depth, 0 = near
+    paths = [os.path.join(out, f"{stem}_depth{s}") for s in (".png", "16.png", ".npy")]
+    save_png(colorize(r), paths[0], info)
+    save_png(np.round(r * 65535).astype(np.uint16), paths[1], info)
+    tmp = paths[2] + f".tmp{os.getpid()}.npy"
+    np.save(tmp, r)
+    os.replace(tmp, paths[2])
+    if uncertainty:  # the ensemble's std in units of r on a grey ramp: 0 black, UNCERTAINTY_WHITE and up white
+        u = (spread.numpy() / 2 / UNCERTAINTY_WHITE).clip(0, 1)
+        paths.append(os.path.join(out, f"{stem}_uncertainty.png"))
+        save_png(np.round(u * 255).astype(np.uint8), paths[-1], {**info, "scale": f"grey = std of r / {UNCERTAINTY_WHITE}"})
+    return paths
+
+
+@torch.no_grad()
+def sample_grid(bundle, unet, objective, x1, cond, context, path, amp, steps=4):
+    """train.py's progress picture: rows image / target depth (VAE-decoded) / prediction, fixed noise."""
+    model = diff2flow.velocity_model(diff2flow.ConcatCond(unet, cond), bundle.alphas_cumprod, bundle.prediction,
+                                     objective)
+    noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(0)).to(x1.device)
+    unet.eval()
+    with amp():
+        z = diff2flow.sample_euler(model, noise, steps, context.expand(len(x1), -1, -1))
+        image = bundle.vae.decode(cond.to(next(bundle.vae.parameters()).dtype)).float().clamp(-1, 1)
+        target, pred = decode_depth(bundle.vae, x1), decode_depth(bundle.vae, z)
+    unet.train()
+    row = lambda t: torch.cat(list(t), -1)  # (N, C, H, W) -> (C, H, N*W)
+    rgb = ((row(image) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    grid = np.concatenate([rgb] + [colorize((row(d)[0].cpu().numpy() + 1) / 2) for d in (target, pred)], 0)
+    save_png(grid, path, {"rows": "image, target, prediction", "steps": steps})
+
+
+# ----------------------------------------------------------------------------- command line
+
+def fail(msg):
+    raise SystemExit(f"depth.py: error: {msg}")
+
+
+def load_model(ckpt, device="cpu"):
+    """A depth checkpoint (default: the bundled demo) -> SD bundle; one-line errors."""
+    if not ckpt and not os.path.exists(DEMO):
+        fail(f"no --ckpt given and the demo {os.path.relpath(DEMO)} is missing; pass --ckpt with a model from "
+             "train.py --task depth (or make the demo: scripts/make_depth_demo.sh)")
+    try:
+        bundle = sd.load(ckpt or DEMO, device=device)
+        check_depth_model(bundle, ckpt or DEMO)
+    except (sd.LoadError, DepthError, OSError) as e:
+        fail(str(e))
+    return bundle
+
+
+def list_inputs(paths):
+    """Files as given, folders -> their images (sorted, not recursive). Missing paths are kept: they fail
+    one by one with a clear message while the others are processed."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
+            if not found:
+                print(f"depth.py: warning: {p}: no images ({' '.join(IMAGE_EXTS)}) in this folder")
+            out += found
+        else:
+            out.append(p)
+    return out
+
+
+def build_parser():
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.add_argument("inputs", nargs="+", help="images (PNG/JPEG, RGB/RGBA/grey/16-bit) or folders of images")
+    p.add_argument("--ckpt", help="a depth model from train.py --task depth (default: the bundled tiny demo)")
+    p.add_argument("--steps", type=int, default=10, help="Euler steps per prediction")
+    p.add_argument("--ensemble", type=int, default=4, help="predictions per image (different noise), median-combined")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every image)")
+    p.add_argument("--processing-res", type=int, help="longer side the model sees, in pixels (default: the "
+                   "model's training resolution); the outputs have the input's size")
+    p.add_argument("--out", default=os.path.join("out", "depth"), help="output folder")
+    p.add_argument("--uncertainty", action="store_true", help="also write NAME_uncertainty.png (ensemble std)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = 1 on CPU: the tiny model is "
+                   "many small ops, where more threads on a busy machine are slower)")
+    return p
+
+
+def check_args(a):
+    for name in ("steps", "ensemble"):
+        if getattr(a, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.processing_res is not None and a.processing_res < 16:
+        fail(f"--processing-res must be >= 16, got {a.processing_res}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {a.device}: CUDA is not available here; use --device cpu")
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    check_args(a)
+    torch.set_num_threads(a.threads or (1 if a.device == "cpu" else torch.get_num_threads()))
+    bundle = load_model(a.ckpt, a.device)
+    context = bundle.encode_prompt([""])
+    os.makedirs(a.out, exist_ok=True)
+    res = a.processing_res or int(bundle.meta.get("resolution", 64))
+    info = {"model": bundle.name, "objective": bundle.objective, "steps": a.steps, "ensemble": a.ensemble,
+            "seed": a.seed, "processing_res": res, "depth": "relative log depth r in [0, 1], 0 = near",
+            "colormap": "Spectral, near = red"}
+    written, failed = [], []
+    for path in (bar := tqdm(list_inputs(a.inputs), desc="depth", unit="image", dynamic_ncols=True)):
+        try:
+            image = read_image(path)
+        except DepthError as e:
+            tqdm.write(f"depth.py: error: {e}; skipped")
+            failed.append(path)
+            continue
+        y, spread = predict(bundle, image.to(a.device), a.steps, a.ensemble, a.seed, res, context)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        written += write_outputs(a.out, stem, y, spread, {**info, "source": os.path.basename(path)}, a.uncertainty)
+        bar.set_postfix(last=stem)
+    print(f"wrote {len(written)} files to {a.out}" + (f"; {len(failed)} input(s) failed: {', '.join(failed)}"
+                                                      if failed else ""))
+    if failed:
+        raise SystemExit(1)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Synthetic indoor scenes with exact metric depth: our stand-in for Hypersim (image-to-depth, depth.py).
+
+A room (floor, walls, and a ceiling unless the room is open to the sky) with boxes (turned about the
+vertical axis) and spheres standing on the floor, textured (flat, checker, stripes or smooth noise, in
+world coordinates), lit by ambient light plus a point lamp that casts shadows, seen by a random pinhole
+camera. Everything is a vectorised numpy ray cast, so depth is exact: depth = planar z-distance along
+the camera's viewing axis (what Hypersim's and Marigold's evaluations use, not the distance along the
+ray), in metres. Rays that leave an open room see the sky: no depth there (invalid, stored as 0).
+
+Colour is rendered at 2x2 samples per pixel and box-filtered (antialiased); depth is cast through the
+pixel centres only (averaging depths across an edge would invent "flying pixels" between surfaces).
+
+Splits, as in synth.py: scene i of seed s comes from np.random.SeedSequence([s, i]); seeds below
+HELDOUT_FROM (10_000) are for training (TRAIN_SEED = 0), TEST_SEED = 10_001 is never trained on.
+
+Written as the pair-folder layout depth.py reads:
+    DIR/rgb/00000.png      8-bit RGB
+    DIR/depth/00000.png    16-bit millimetres, 0 = invalid (sky)
+
+    python scenes.py --out runs/scenes --n 1000 --size 64 --seed 0
+"""
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+TRAIN_SEED, TEST_SEED, HELDOUT_FROM = 0, 10_001, 10_000
+EPS = 1e-4  # ray offset off a surface (shadow rays), metres
+SUPERSAMPLE = 2
+
+
+@dataclass
+class Surface:
+    """One primitive: kind 'plane' (point, normal, y_max cut for open rooms), 'sphere' (centre, radius) or
+    'box' (centre, half sizes, yaw in radians), with its material."""
+    kind: str
+    geom: dict
+    colors: np.ndarray  # (2, 3) linear RGB in [0, 1]: the texture mixes the two
+    texture: str  # flat | checker | stripes | noise
+    tex: dict = field(default_factory=dict)  # texture scale / direction / phases
+
+
+@dataclass
+class Scene:
+    surfaces: list
+    eye: np.ndarray  # (3,) camera centre
+    rot: np.ndarray  # (3, 3) camera-to-world: columns right, up, forward
+    fov: float  # horizontal field of view, radians
+    light: np.ndarray  # (3,) point lamp
+    sky: bool  # open room: no ceiling, rays may leave
+
+
+# ----------------------------------------------------------------------------- intersections, vectorised
+
+def hit_plane(o, d, g):
+    """Rays o + t d (N, 3) against a plane; t = inf where missed (behind, parallel or above y_max)."""
+    n = np.asarray(g["normal"], float)
+    denom = d @ n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = ((np.asarray(g["point"]) - o) @ n) / denom
+    t = np.where((t > EPS) & np.isfinite(t), t, np.inf)
+    y = o[:, 1] + t * d[:, 1]
+    t = np.where(np.isfinite(t) & (y > g.get("y_max", np.inf)), np.inf, t)  # open room: walls end at y_max
+    return t, np.broadcast_to(n, o.shape)
+
+
+def hit_sphere(o, d, g):
+    oc = o - g["center"]
+    b = np.einsum("ij,ij->i", oc, d)  # d is unit: t^2 + 2 b t + c = 0
+    c = np.einsum("ij,ij->i", oc, oc) - g["radius"] ** 2
+    disc = b * b - c
+    root = np.sqrt(np.maximum(disc, 0))
+    t = np.where(-b - root > EPS, -b - root, -b + root)  # the near root, or the far one from inside
+    t = np.where((disc >= 0) & (t > EPS), t, np.inf)
+    normal = (o + np.where(np.isfinite(t), t, 0)[:, None] * d - g["center"]) / g["radius"]
+    return t, normal
+
+
+def _yaw(a):
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def hit_box(o, d, g):
+    """Slab test in the box's own frame (rotated by yaw about y), normals back in the world frame."""
+    R = _yaw(g["yaw"])  # box-to-world
+    lo_, ld = (o - g["center"]) @ R, d @ R  # world -> box frame (R orthonormal)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (-g["half"] - lo_) / ld, (g["half"] - lo_) / ld  # (N, 3) each
+    near, far = np.minimum(t1, t2), np.maximum(t1, t2)
+    near, far = np.nan_to_num(near, nan=-np.inf), np.nan_to_num(far, nan=np.inf)
+    tn, tf = near.max(1), far.min(1)
+    t = np.where(tn > EPS, tn, tf)  # from outside the near face, from inside the far one
+    t = np.where((tn <= tf) & (t > EPS), t, np.inf)
+    axis = np.where(tn > EPS, near.argmax(1), far.argmin(1))  # (N,) which slab was hit
+    local = np.zeros_like(o)
+    local[np.arange(len(o)), axis] = -np.sign(ld[np.arange(len(o)), axis])  # faces the ray
+    return t, local @ R.T
+
+
+HIT = {"plane": hit_plane, "sphere": hit_sphere, "box": hit_box}
+
+
+def cast(surfaces, o, d):
+    """Nearest hit of every ray: t (N,) (inf = nothing), surface index (N,), unit normal (N, 3)."""
+    best, idx, normal = np.full(len(o), np.inf), np.full(len(o), -1), np.zeros_like(o)
+    for i, s in enumerate(surfaces):
+        t, n = HIT[s.kind](o, d, s.geom)
+        closer = t < best
+        best[closer], idx[closer], normal[closer] = t[closer], i, n[closer]
+    return best, idx, normal
+
+
+# ----------------------------------------------------------------------------- shading
+
+def texture(s, p):
+    """Mix weight in [0, 1] of the surface's second colour at world points p (N, 3)."""
+    k = s.tex.get("scale", 1.0)
+    if s.texture == "checker":
+        return (np.floor(p / k + 1e-6).sum(1) % 2).astype(float)  # +1e-6: faces on a cell border
+    if s.texture == "stripes":
+        return (np.floor(p @ s.tex["dir"] / k) % 2).astype(float)
+    if s.texture == "noise":  # smooth value-like noise: a few random plane waves
+        w = np.sin(p @ s.tex["freqs"].T / k + s.tex["phases"]).mean(1)  # (N,)
+        return 0.5 + 0.5 * np.tanh(2 * w)
+    return np.zeros(len(p))
+
+
+def shade(scene, o, d):
+    """Colour (N, 3) in [0, 1] (gamma-encoded) and planar depth (N,) (0 where the ray sees the sky)."""
+    t, idx, n = cast(scene.surfaces, o, d)
+    hit = np.isfinite(t)
+    p = o + np.where(hit, t, 0)[:, None] * d
+    n = np.where((n * d).sum(1, keepdims=True) > 0, -n, n)  # face the camera (walls seen from inside)
+    albedo = np.zeros_like(p)
+    for i, s in enumerate(scene.surfaces):
+        m = idx == i
+        w = texture(s, p[m])[:, None]
+        albedo[m] = (1 - w) * s.colors[0] + w * s.colors[1]
+    to_l = scene.light - p
+    dist = np.linalg.norm(to_l, axis=1)
+    ldir = to_l / np.maximum(dist, 1e-9)[:, None]
+    ts, _, _ = cast(scene.surfaces, p + EPS * 10 * n, ldir)
+    lit = ts > dist  # nothing between the point and the lamp
+    diffuse = np.clip((n * ldir).sum(1), 0, None) * lit * 6.0 / (1.0 + dist**2)  # inverse-square-like falloff
+    rgb = albedo * (0.3 + diffuse)[:, None]
+    sky = np.array([0.55, 0.7, 0.95]) * (0.8 + 0.2 * d[:, 1:2].clip(0, 1))
+    rgb = np.where(hit[:, None], rgb, sky)
+    depth = np.where(hit, t * (d @ scene.rot[:, 2]), 0.0)  # planar depth along the viewing axis
+    return np.clip(rgb, 0, 1) ** (1 / 2.2), depth
+
+
+def rays(scene, size, ss):
+    """Unit ray directions (size*ss*size*ss, 3) through a regular grid of sub-pixel centres, row-major."""
+    n = size * ss
+    u = (np.arange(n) + 0.5) / n * 2 - 1  # [-1, 1] left to right, top to bottom
+    f = 1 / np.tan(scene.fov / 2)
+    x, y = np.meshgrid(u, -u)  # image y points down, camera up is +y
+    cam = np.stack([x, y, np.full_like(x, f)], -1).reshape(-1, 3)
+    d = cam @ scene.rot.T
+    return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def render(scene, size=64):
+    """-> RGB uint8 (size, size, 3), planar depth float32 (size, size) in metres, 0 = invalid."""
+    d = rays(scene, size, SUPERSAMPLE)
+    rgb, _ = shade(scene, np.broadcast_to(scene.eye, d.shape), d)
+    rgb = rgb.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean((1, 3))  # box filter
+    d = rays(scene, size, 1)
+    _, depth = shade(scene, np.broadcast_to(scene.eye, d.shape), d)
+    return (rgb * 255).round().astype(np.uint8), depth.reshape(size, size).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- random scenes
+
+def random_material(rng, scale_range=(0.3, 1.2)):
+    """Two colours of one random hue family (or a contrasting second), a texture and its parameters."""
+    base = rng.uniform(0.1, 0.9, 3)
+    other = np.clip(base * rng.uniform(0.3, 0.8) if rng.random() < 0.6 else rng.uniform(0.1, 0.9, 3), 0, 1)
+    kind = ("flat", "checker", "stripes", "noise")[rng.integers(4)]
+    direction = rng.normal(size=3)
+    tex = dict(scale=rng.uniform(*scale_range), dir=direction / np.linalg.norm(direction),
+               freqs=rng.normal(size=(4, 3)), phases=rng.uniform(0, 2 * np.pi, 4))
+    return np.stack([base, other]), kind, tex
+
+
+def room(rng, w, dd, h, sky):
+    """Floor, four walls and (closed rooms) a ceiling of a room [-w/2, w/2] x [0, h] x [-1, dd]."""
+    walls = [((0, 0, 0), (0, 1, 0)), ((-w / 2, 0, 0), (1, 0, 0)), ((w / 2, 0, 0), (-1, 0, 0)),
+             ((0, 0, dd), (0, 0, -1)), ((0, 0, -1), (0, 0, 1))]
+    if not sky:
+        walls.append(((0, h, 0), (0, -1, 0)))
+    out = []
+    for point, normal in walls:
+        g = dict(point=np.array(point, float), normal=np.array(normal, float))
+        if sky and normal[1] == 0:
+            g["y_max"] = h
+        out.append(Surface("plane", g, *random_material(rng)))
+    return out
+
+
+def furniture(rng, w, dd):
+    """1-4 boxes and 0-3 spheres standing on the floor, away from the camera end of the room."""
+    out = []
+    for _ in range(rng.integers(1, 5)):
+        half = rng.uniform([0.15, 0.15, 0.15], [0.7, 0.9, 0.7])
+        c = np.array([rng.uniform(-w / 2 + 0.3, w / 2 - 0.3), half[1], rng.uniform(1.5, dd - 0.3)])
+        out.append(Surface("box", dict(center=c, half=half, yaw=rng.uniform(0, np.pi / 2)),
+                           *random_material(rng, (0.1, 0.4))))
+    for _ in range(rng.integers(0, 4)):
+        r = rng.uniform(0.15, 0.6)
+        c = np.array([rng.uniform(-w / 2 + r, w / 2 - r), r, rng.uniform(1.5, dd - r)])
+        out.append(Surface("sphere", dict(center=c, radius=r), *random_material(rng, (0.05, 0.3))))
+    return out
+
+
+def camera(rng, w, h):
+    """Eye near the back wall (z ~ 0), looking into the room with some yaw and a downward pitch."""
+    eye = np.array([rng.uniform(-w / 4, w / 4), rng.uniform(0.8, min(2.0, h - 0.3)), rng.uniform(-0.5, 0.5)])
+    yaw, pitch = rng.uniform(-0.4, 0.4), rng.uniform(-0.45, 0.05)
+    fwd = np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
+    right = np.cross([0, 1, 0], fwd)
+    right /= np.linalg.norm(right)
+    up = np.cross(fwd, right)
+    return eye, np.stack([right, up, fwd], 1), rng.uniform(np.deg2rad(50), np.deg2rad(80))
+
+
+def make_scene(seed, i):
+    """Scene i of seed `seed`: depends on (seed, i) only, so any subset can be rebuilt in any order."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
+    w, dd, h = rng.uniform(4, 9), rng.uniform(5, 14), rng.uniform(2.4, 3.6)
+    sky = rng.random() < 0.25
+    surfaces = room(rng, w, dd, h, sky) + furniture(rng, w, dd)
+    eye, rot, fov = camera(rng, w, h)
+    light = np.array([rng.uniform(-w / 3, w / 3), h - 0.2, rng.uniform(1, dd * 0.7)])
+    return Scene(surfaces, eye, rot, fov, light, sky)
+
+
+def write_pairs(out, n, size=64, seed=TRAIN_SEED, start=0):
+    """Scenes start..start+n-1 as out/rgb/NAME.png + out/depth/NAME.png (uint16 mm, 0 = invalid)."""
+    out = Path(out)
+    (out / "rgb").mkdir(parents=True, exist_ok=True)
+    (out / "depth").mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(start, start + n), desc=f"writing {out}", dynamic_ncols=True):
+        rgb, depth = render(make_scene(seed, i), size)
+        mm = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)
+        Image.fromarray(rgb).save(out / "rgb" / f"{i:05d}.png")
+        Image.fromarray(mm).save(out / "depth" / f"{i:05d}.png")  # PIL writes uint16 arrays as 16-bit PNG
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write ray-cast synthetic scenes with exact metric depth as a "
+                                "pair folder (rgb/NAME.png + depth/NAME.png, 16-bit millimetres) for depth.py.")
+    p.add_argument("--out", required=True, help="output folder, created if missing")
+    p.add_argument("--n", type=int, default=1000, help="number of scenes")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=TRAIN_SEED,
+                   help=f"stream seed: < {HELDOUT_FROM} for training data, {TEST_SEED} for held-out tests")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.size < 1:
+        raise SystemExit("scenes.py: error: --n and --size must be >= 1")
+    write_pairs(a.out, a.n, a.size, a.seed)
+    print(json.dumps({"out": a.out, "n": a.n, "size": a.size, "seed": a.seed}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""depth.py: the first-conv expansion, the depth encoding, alignment, ensembling, metrics (hand-made
+cases), image and depth files, the command line."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import depth
+import sd
+import unet as unet_mod
+from helpers import random_bundle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A tiny random depth model (8 input channels), saved like train.py saves one."""
+    b = random_bundle(0)
+    depth.expand_first_conv(b.unet)
+    b.objective = "diff2flow"
+    path = str(tmp_path_factory.mktemp("model") / "depth.safetensors")
+    sd.save(b, path, resolution=32)
+    return path
+
+
+# ----------------------------------------------------------------------------- the model
+
+def test_expanded_first_conv_is_the_prior_for_equal_halves_and_half_of_it_for_a_zero_image():
+    u = random_bundle(1).unet
+    old = u.input_blocks[0][0]
+    x = torch.randn(2, 4, 8, 8)
+    prior_conv, bias = old(x), old.bias[:, None, None]
+    depth.expand_first_conv(u)
+    new = u.input_blocks[0][0]
+    assert new.weight.shape == (old.out_channels, 8, 3, 3) and u.cfg.in_channels == 8
+    torch.testing.assert_close(new(torch.cat([x, x], 1)), prior_conv)  # W/2 x + W/2 x + b = W x + b
+    torch.testing.assert_close(new(torch.cat([x, 0 * x], 1)), (prior_conv - bias) / 2 + bias)
+    assert unet_mod.PRESETS["tiny"].in_channels == 4, "the preset must stay untouched"
+
+
+def test_whole_unet_with_equal_halves_matches_the_prior():
+    u = random_bundle(2).unet
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 3.0]), torch.randn(2, 77, 128)
+    before = u(x, t, ctx)
+    depth.expand_first_conv(u)
+    torch.testing.assert_close(u(torch.cat([x, x], 1), t, ctx), before, atol=1e-5, rtol=1e-5)
+
+
+def test_depth_model_saves_and_loads_with_8_channels(model_path, tmp_path):
+    b = sd.load(model_path)
+    assert b.unet.cfg.in_channels == 8 and b.objective == "diff2flow"
+    depth.check_depth_model(b, model_path)
+    with pytest.raises(depth.DepthError, match="input channels"):
+        depth.check_depth_model(random_bundle(0), "prior.safetensors")
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def test_normalize_depth_uses_the_2_and_98_percent_log_quantiles():
+    """101 pixels with log depth 0..100: quantiles 2 and 98, so y = (l - 2) / 96 * 2 - 1, clipped."""
+    logd = torch.arange(101, dtype=torch.float64) / 10  # log depth 0 .. 10
+    d = logd.exp().float().view(1, 1, 1, 101)
+    y = depth.normalize_depth(d, torch.ones_like(d, dtype=torch.bool))
+    want = ((logd - 0.2) / 9.6 * 2 - 1).clamp(-1, 1).float().view(1, 1, 1, 101)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
+
+
+def test_normalize_depth_is_invariant_to_scale_and_power_and_masks_invalid():
+    d = torch.rand(2, 1, 8, 8) * 10 + 0.5
+    valid = torch.ones_like(d, dtype=torch.bool)
+    valid[0, 0, 0, :3] = False
+    y = depth.normalize_depth(d, valid)
+    torch.testing.assert_close(depth.normalize_depth(7 * d**1.5, valid), y, atol=1e-5, rtol=0)
+    assert (y[0, 0, 0, :3] == 1).all() and y.min() >= -1 and y.max() <= 1
+    assert (depth.normalize_depth(d, torch.zeros_like(valid)) == 1).all()
+
+
+def test_depth_latents_round_trip_shapes():
+    b = random_bundle(0)
+    y = torch.rand(2, 1, 16, 16) * 2 - 1
+    z = depth.encode_depth(b.vae, y)
+    assert z.shape == (2, 4, 4, 4)
+    out = depth.decode_depth(b.vae, z)
+    assert out.shape == (2, 1, 16, 16) and out.min() >= -1 and out.max() <= 1
+
+
+# ----------------------------------------------------------------------------- alignment, ensembling, metrics
+
+def test_fit_scale_shift_recovers_an_affine_map_and_ignores_masked_pixels():
+    x = torch.randn(3, 50, dtype=torch.float64)
+    y = torch.tensor([2.0, -1.0, 0.5])[:, None] * x + torch.tensor([1.0, 3.0, -2.0])[:, None]
+    valid = torch.ones_like(x, dtype=torch.bool)
+    y[:, :5], valid[:, :5] = 1e3, False  # outliers, masked
+    a, b = depth.fit_scale_shift(x, y, valid)
+    torch.testing.assert_close(a, torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(b, torch.tensor([1.0, 3.0, -2.0], dtype=torch.float64))
+
+
+def test_ensemble_of_affine_copies_gives_the_reference_shape_and_zero_spread():
+    base = torch.rand(6, 5)
+    members = torch.stack([2 * base + 1, 0.5 * base - 1, base, 3 * base])
+    med, spread = depth.ensemble_median(members)
+    a, b = depth.fit_scale_shift(base.flatten().double(), med.flatten().double())
+    torch.testing.assert_close(med.double(), (a * base.double() + b), atol=1e-5, rtol=0)
+    assert spread.abs().max() < 1e-5
+    one, s1 = depth.ensemble_median(members[:1])
+    torch.testing.assert_close(one, members[0])
+    assert (s1 == 0).all()
+
+
+def test_metrics_perfect_up_to_scale_and_shift():
+    gt = torch.rand(16, 16) * 9 + 1
+    valid = torch.ones_like(gt, dtype=torch.bool)
+    m = depth.depth_metrics(3 * gt.log() + 2, gt, valid, 0.1, 30, align="log")
+    assert m["abs_rel"] < 1e-6 and m["delta1"] == 1 and m["rmse"] < 1e-5
+    m = depth.depth_metrics(-2 * gt + 1, gt, valid, 0.1, 30, align="depth")
+    assert m["abs_rel"] < 1e-6 and m["delta1"] == 1 and m["delta3"] == 1
+
+
+def test_metrics_hand_made_case():
+    """Depth space, gt (1, 1, 2, 2) and an uncorrelated prediction (0, 1, 0, 1): the best fit is the mean
+    1.5 everywhere, so AbsRel = (0.5 + 0.5 + 0.25 + 0.25) / 4, ratios 1.5 and 4/3 (delta1 0, delta2 1),
+    RMSE 0.5. A fifth pixel beyond max depth and a masked sixth are not counted."""
+    gt = torch.tensor([1.0, 1.0, 2.0, 2.0, 50.0, 1.0])
+    pred = torch.tensor([0.0, 1.0, 0.0, 1.0, 9.0, 9.0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    m = depth.depth_metrics(pred, gt, valid, 0.1, 10.0, align="depth")
+    assert m == pytest.approx({"abs_rel": 0.375, "rmse": 0.5, "delta1": 0.0, "delta2": 1.0, "delta3": 1.0})
+
+
+def test_metrics_clip_the_aligned_prediction_to_the_depth_range():
+    """gt (1, 2, 3), prediction (1, 2, 5): the aligned prediction's largest value (3.077) lies beyond a max
+    depth of 3.05 and is clipped to it before the error is measured."""
+    gt, pred, valid = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 5.0]), torch.ones(3, dtype=torch.bool)
+    a, b = depth.fit_scale_shift(pred.double(), gt.double())
+    aligned = (a * pred + b).double()
+    assert aligned.max() > 3.05
+    m = depth.depth_metrics(pred, gt, valid, 0.1, 3.05, align="depth")
+    want = ((aligned.clamp(0.1, 3.05) - gt).abs() / gt).mean()
+    assert m["abs_rel"] == pytest.approx(float(want))
+    with pytest.raises(depth.DepthError, match="no valid"):
+        depth.depth_metrics(pred, gt, ~valid, 0.1, 3.2)
+
+
+def test_colormap_stops_and_near_is_warm():
+    c = depth.colorize(np.array([0.0, 0.25, 0.5, 1.0]))
+    np.testing.assert_array_equal(c, depth.SPECTRAL[[0, 1, 2, 4]].astype(np.uint8))
+    mid = depth.colorize(np.array([0.125]))[0]
+    np.testing.assert_array_equal(mid, np.round((depth.SPECTRAL[0] + depth.SPECTRAL[1]) / 2).astype(np.uint8))
+    near, far = depth.colorize(np.array([0.05, 0.95]))
+    assert near[0] > near[2] and far[2] > far[0]
+
+
+def test_processing_size_keeps_aspect_and_the_models_multiple():
+    assert depth.processing_size(480, 640, 64, 16) == (48, 64)
+    assert depth.processing_size(37, 23, 32, 16) == (32, 16)
+    assert depth.processing_size(1, 1000, 64, 16) == (16, 64)
+
+
+# ----------------------------------------------------------------------------- files
+
+def write_inputs(folder):
+    folder.mkdir(exist_ok=True)
+    rgba = np.zeros((23, 37, 4), np.uint8)
+    rgba[..., 0] = 200  # fully transparent red: composited onto white
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    Image.fromarray((np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)).save(folder / "grey16.png")
+    Image.fromarray(np.full((9, 12), 128, np.uint8)).save(folder / "grey.png")
+    Image.fromarray(np.full((16, 16, 3), 40, np.uint8)).save(folder / "photo.jpg", quality=95)
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).convert("P").save(folder / "palette.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+def test_read_image_modes(tmp_path):
+    f = write_inputs(tmp_path / "in")
+    assert (depth.read_image(str(f / "rgba.png")) == 1).all()  # transparent -> white
+    g16 = depth.read_image(str(f / "grey16.png"))
+    assert g16.shape == (3, 20, 30) and g16[0, 0, 1] == pytest.approx(100 / 65535 * 2 - 1)
+    assert depth.read_image(str(f / "grey.png"))[:, 0, 0].tolist() == pytest.approx([128 / 255 * 2 - 1] * 3, abs=1e-6)
+    assert depth.read_image(str(f / "photo.jpg")).shape == (3, 16, 16)
+    assert depth.read_image(str(f / "palette.png")).shape == (3, 8, 8)
+    with pytest.raises(depth.DepthError, match="broken.png: cannot read it as an image"):
+        depth.read_image(str(f / "broken.png"))
+
+
+def test_read_depth_png_millimetres_npy_metres_and_errors(tmp_path):
+    Image.fromarray(np.array([[0, 1500], [65535, 20]], np.uint16)).save(tmp_path / "d.png")
+    np.testing.assert_allclose(depth.read_depth(str(tmp_path / "d.png")).numpy(), [[0, 1.5], [65.535, 0.02]])
+    np.save(tmp_path / "d.npy", np.array([[np.nan, 2.5], [-1, np.inf]], np.float32))
+    np.testing.assert_allclose(depth.read_depth(str(tmp_path / "d.npy")).numpy(), [[0, 2.5], [0, 0]])
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "d8.png")
+    with pytest.raises(depth.DepthError, match="16-bit"):
+        depth.read_depth(str(tmp_path / "d8.png"))
+
+
+def test_pair_folder_with_mask_and_npy_and_errors(tmp_path):
+    (tmp_path / "rgb").mkdir(), (tmp_path / "depth").mkdir(), (tmp_path / "mask").mkdir()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "rgb" / "a.png")
+    np.save(tmp_path / "depth" / "a.npy", np.full((4, 6), 3.0, np.float32))
+    mask = np.ones((4, 6), np.uint8) * 255
+    mask[0] = 0
+    Image.fromarray(mask).save(tmp_path / "mask" / "a.png")
+    image, d, valid = depth.PairDataset(tmp_path)[0]
+    assert image.shape == (3, 4, 6) and (d == 3).all() and valid.sum() == 18 and not valid[0].any()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "rgb" / "b.png")
+    with pytest.raises(depth.DepthError, match="1 images have no depth/NAME.png or .npy: b.png"):
+        depth.PairDataset(tmp_path)
+    with pytest.raises(depth.DepthError, match="needs rgb/ and depth/"):
+        depth.PairDataset(tmp_path / "rgb")
+
+
+def test_square_resizes_depth_by_nearest_neighbour():
+    d = torch.tensor([[1.0, 1.0, 5.0, 5.0]] * 2)[None]  # (1, 2, 4): crops to the centre 2x2 at res 2
+    out = depth.square(d, 2, "nearest")
+    assert out.shape == (1, 2, 2) and set(out.unique().tolist()) <= {1.0, 5.0}
+
+
+# ----------------------------------------------------------------------------- prediction and the CLI
+
+def test_predict_any_size_is_deterministic_by_seed(model_path):
+    b = sd.load(model_path)
+    image = torch.rand(3, 23, 37) * 2 - 1
+    y, spread = depth.predict(b, image, steps=2, ensemble=3, seed=4)
+    assert y.shape == spread.shape == (23, 37) and y.min() >= -1 and y.max() <= 1
+    torch.testing.assert_close(depth.predict(b, image, steps=2, ensemble=3, seed=4)[0], y)
+    assert not torch.equal(depth.predict(b, image, steps=2, ensemble=3, seed=5)[0], y)
+
+
+def test_cli_writes_every_output_at_the_input_size_and_skips_unreadable_files(model_path, tmp_path):
+    f = write_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:  # broken.png fails: exit status 1, after the others are written
+        depth.main([str(f), "--ckpt", model_path, "--steps", "1", "--ensemble", "2", "--out", str(out),
+                    "--uncertainty"])
+    assert e.value.code == 1
+    for stem, (h, w) in {"rgba": (23, 37), "grey16": (20, 30), "grey": (9, 12), "photo": (16, 16),
+                         "palette": (8, 8)}.items():
+        colour = Image.open(out / f"{stem}_depth.png")
+        assert colour.size == (w, h) and colour.mode == "RGB" and colour.text["steps"] == "1"
+        d16 = Image.open(out / f"{stem}_depth16.png")
+        assert d16.mode.startswith("I") and d16.size == (w, h)
+        r = np.load(out / f"{stem}_depth.npy")
+        assert r.shape == (h, w) and 0 <= r.min() and r.max() <= 1
+        np.testing.assert_array_equal(np.asarray(d16), np.round(r * 65535).astype(np.uint16))
+        assert Image.open(out / f"{stem}_uncertainty.png").size == (w, h)
+    assert not (out / "broken_depth.png").exists()
+    paths = depth.main([str(f / "grey.png"), "--ckpt", model_path, "--steps", "1", "--ensemble", "1",
+                        "--out", str(out), "--processing-res", "64"])
+    assert len(paths) == 3
+
+
+def test_cli_errors(model_path, tmp_path):
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        depth.main(["x.png", "--ckpt", model_path, "--steps", "0"])
+    prior = str(tmp_path / "prior.safetensors")
+    sd.save(random_bundle(0), prior)
+    with pytest.raises(SystemExit, match="a depth model takes 8"):
+        depth.main(["x.png", "--ckpt", prior])
+    with pytest.raises(SystemExit, match="cannot|no such|not"):
+        depth.main(["x.png", "--ckpt", str(tmp_path / "missing.safetensors")])
+
+
+# ----------------------------------------------------------------------------- train.py --task depth, evaluate.py depth
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    import scenes
+    return str(scenes.write_pairs(tmp_path_factory.mktemp("pairs"), 6, 32, seed=7))
+
+
+def tiny_depth_run(pairs, out, *extra):
+    import train
+    return train.main(["--task", "depth", "--data", pairs, "--resolution", "32", "--batch-size", "2",
+                       "--out", str(out), "--sample-every", "0", "--warmup", "1", *extra])
+
+
+def test_train_depth_writes_a_depth_model_and_resumes_exactly(pairs, tmp_path):
+    straight = tiny_depth_run(pairs, tmp_path / "a", "--steps", "2", "--sample-every", "2")
+    b = sd.load(straight)
+    assert b.unet.cfg.in_channels == 8 and b.objective == "diff2flow"
+    assert (b.meta["task"], b.meta["resolution"], b.meta["steps"], b.meta["ensemble"]) == ("depth", "32", "10", "4")
+    assert Image.open(tmp_path / "a" / "samples" / "step_000002.png").size == (4 * 32, 3 * 32)
+    tiny_depth_run(pairs, tmp_path / "b", "--steps", "1")
+    resumed = sd.load(tiny_depth_run(pairs, tmp_path / "b", "--steps", "2", "--resume"))
+    for (k, v), w in zip(b.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+
+
+def test_train_depth_lora_and_fm_models_load_as_depth_models(pairs, tmp_path):
+    lora_model = sd.load(tiny_depth_run(pairs, tmp_path / "l", "--steps", "1", "--lora", "base"))
+    depth.check_depth_model(lora_model, "lora")
+    fm = sd.load(tiny_depth_run(pairs, tmp_path / "f", "--steps", "1", "--objective", "fm"))
+    assert fm.objective == "fm" and fm.unet.cfg.in_channels == 8
+    y, _ = depth.predict(lora_model, torch.zeros(3, 20, 20), steps=1, ensemble=1)
+    assert y.shape == (20, 20)
+
+
+def test_train_depth_defaults_and_errors(tmp_path):
+    import train
+    cfg = train.parse_args(["--task", "depth", "--data", str(tmp_path)])
+    train.fill_defaults(cfg)
+    assert (cfg.resolution, cfg.batch_size, cfg.out, cfg.caption_dropout) == (64, 32, "runs/depth", 0.0)
+    with pytest.raises(SystemExit, match="not a pair folder"):
+        tiny_depth_run(str(tmp_path), tmp_path / "o", "--steps", "1")
+
+
+def test_evaluate_depth_command(pairs, model_path, tmp_path):
+    import json
+    import evaluate
+    rows = evaluate.main(["depth", "--data", pairs, "--ckpt", model_path, "--steps", "1", "--ensemble", "1", "2",
+                          "--n", "2", "--baseline", pairs, "--processing-res", "32", "--json", str(tmp_path / "r.json"),
+                          "--results", str(tmp_path / "RESULTS.md")])
+    assert [(r["objective"], r["steps"], r["ensemble"]) for r in rows] == [
+        ("mean depth map", 0, 0), ("VAE floor", 0, 0), ("diff2flow", 1, 1), ("diff2flow", 1, 2)]
+    for r in rows:
+        assert 0 <= r["delta1"] <= r["delta2"] <= r["delta3"] <= 1 and r["abs_rel"] >= 0 and r["rmse"] >= 0
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- begin depth -->" in section and "| diff2flow | 2 |" in section and "| VAE floor |" in section
+    assert "| mean depth map |" in section
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        evaluate.main(["depth", "--data", pairs, "--ckpt", model_path, "--steps", "0"])
+
+
+def test_mean_depth_map_of_one_pair_is_its_normalised_depth_and_scores_as_it(pairs):
+    ds = depth.PairDataset(pairs)
+    _, d, v = ds[0]
+
+    class One:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return ds[0]
+    y = depth.mean_depth_map(One(), 32)
+    torch.testing.assert_close(y, depth.normalize_depth(d[None, None], v[None, None])[0, 0])
+    m = depth.evaluate_constant(y, One(), depth.DEPTH_RANGES["scenes"])
+    assert m["delta1"] > 0.99 and m["abs_rel"] < 0.02  # its own depth, up to the quantile clipping

@@ -1,0 +1,265 @@
+"""reflow.py and train.py --task reflow on a tiny random teacher: pairs (exact, resumable, DDP-disjoint), the
+straightness measure (analytic), training on the fixed pairs, and the evaluation pipeline on tiny settings."""
+import json
+import os
+
+import pytest
+import torch
+
+import diff2flow
+import reflow
+import sample
+import sd
+import train
+from helpers import randomize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny random Diff2Flow model saved like the demo's (cfg and resolution in its metadata), + a prompt file."""
+    root = tmp_path_factory.mktemp("teacher")
+    b = sd.create()
+    for i, m in enumerate((b.unet, b.vae, b.text_encoder)):
+        randomize(m, i).eval()
+    b.objective = "diff2flow"
+    sd.save(b, str(root / "teacher.safetensors"), resolution=32, cfg=3.0, steps=4)
+    (root / "prompts.txt").write_text("a red circle\n\na blue square\na green star\n")
+    return str(root / "teacher.safetensors"), str(root / "prompts.txt")
+
+
+def make(teacher, folder, n, rank=0, world=1, prompts=None, **kw):
+    bundle = sd.load(teacher)
+    spec, plist = reflow.pair_spec(bundle, teacher, prompts, kw.pop("steps", 2), kw.pop("cfg", None), 0, 2, 32)
+    return reflow.generate_pairs(bundle, str(folder), spec, n, plist, rank, world, progress=False)
+
+
+def test_pairs_are_the_guided_teachers_ode(teacher, tmp_path):
+    path, prompts = teacher
+    make(path, tmp_path, 3, prompts=prompts)
+    p = reflow.load_pairs(str(tmp_path), 3)
+    assert p.noise.shape == p.x1.shape == (3, 4, 8, 8) and len(p) == 3
+    assert set(p.prompts) <= {"a red circle", "a blue square", "a green star"}
+    b = sd.load(path)
+    model = diff2flow.velocity_model(b.unet, b.alphas_cumprod, b.prediction, b.objective)
+    with torch.no_grad():  # cfg: the teacher's metadata (3.0), not the 7.5 fallback
+        x1 = diff2flow.sample_euler(model, p.noise, 2, b.encode_prompt(p.prompts), b.encode_prompt([""]), 3.0)
+    torch.testing.assert_close(p.x1, x1, rtol=0, atol=1e-6)
+    # shard i's noise comes from (seed, i): shard 1 is not shard 0 again
+    assert not torch.equal(p.noise[0], p.noise[2])
+    assert json.load(open(tmp_path / "pairs.json"))["cfg"] == 3.0
+
+
+def test_interrupted_generation_continues_to_the_same_pairs(teacher, tmp_path):
+    path, _ = teacher
+    make(path, tmp_path / "once", 6)
+    assert make(path, tmp_path / "killed", 2) == [0]  # stopped after one shard ...
+    (tmp_path / "killed" / "00001.safetensors.tmp123").write_bytes(b"half a shard")  # ... while writing the next
+    assert make(path, tmp_path / "killed", 6) == [1, 2]  # only the missing shards are made
+    assert make(path, tmp_path / "killed", 6) == []
+    # DDP: rank r of 2 makes shards r, r + 2, ...; together the same pairs
+    assert make(path, tmp_path / "ddp", 6, rank=1, world=2) == [1]
+    assert make(path, tmp_path / "ddp", 6, rank=0, world=2) == [0, 2]
+    once = reflow.load_pairs(str(tmp_path / "once"), 6)
+    for other in ("killed", "ddp"):
+        p = reflow.load_pairs(str(tmp_path / other), 6)
+        assert torch.equal(p.noise, once.noise) and torch.equal(p.x1, once.x1) and p.prompts == once.prompts
+
+
+def test_other_settings_in_the_same_folder_are_an_error(teacher, tmp_path):
+    path, prompts = teacher
+    make(path, tmp_path, 2)
+    with pytest.raises(SystemExit, match="cfg 3.0 .now 5.0."):
+        make(path, tmp_path, 2, cfg=5.0)
+    with pytest.raises(SystemExit, match="prompts 'synth'"):
+        make(path, tmp_path, 2, prompts=prompts)
+    with pytest.raises(SystemExit, match="00001.safetensors is missing"):
+        reflow.load_pairs(str(tmp_path), 5)
+
+
+def test_synth_prompts_are_captions_with_optional_phrases():
+    import synth
+    got = [reflow.synth_prompt(0, j) for j in range(200)]
+    assert got == [reflow.synth_prompt(0, j) for j in range(200)]  # deterministic
+    full = [p for p in got if synth.parse_caption(p) is not None]
+    assert 0.3 < len(full) / len(got) < 0.7  # both phrases kept with probability 0.7^2 = 0.49
+    assert all(p.startswith("a ") and p.endswith(" background") for p in got)
+
+
+def test_straightness_of_a_known_path():
+    """v(x, t) = a + b t: Euler velocities v_k = a + b t_k, so x_1 - x_0 = a + b mean(t_k) and
+    S = |b|^2 var(t_k) / |a + b mean(t_k)|^2; a constant field (b = 0) is straight, S = 0."""
+    a, b = torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([0.5, -1.0, 2.0, 0.0])
+    def field(x, t, c):
+        return (a + b * t.reshape(-1, 1).float()).expand_as(x)
+    x0 = torch.zeros(3, 4)
+    for steps in (1, 4, 10):
+        tk = torch.arange(steps, dtype=torch.float64) / steps
+        x1, s = reflow.euler_path(field, x0, steps, None)
+        expect = (b.double().pow(2).sum() * tk.var(unbiased=False) / (a.double() + b.double() * tk.mean()).pow(2).sum())
+        assert s == pytest.approx(expect.item(), rel=1e-5, abs=1e-7)
+        torch.testing.assert_close(x1, diff2flow.sample_euler(field, x0, steps))
+    assert reflow.euler_path(lambda x, t, c: a.expand_as(x), x0, 8, None)[1] == pytest.approx(0, abs=1e-12)
+
+
+def test_euler_path_is_sample_euler_with_cfg(teacher):
+    b = sd.load(teacher[0])
+    model = diff2flow.velocity_model(b.unet, b.alphas_cumprod, b.prediction, b.objective)
+    noise, ctx, unc = torch.randn(2, 4, 8, 8), b.encode_prompt(["a", "b"]), b.encode_prompt([""])
+    with torch.no_grad():
+        z, s = reflow.euler_path(model, noise, 3, ctx, unc, 2.5)
+        assert torch.equal(z, diff2flow.sample_euler(model, noise, 3, ctx, unc, 2.5)) and s > 0
+
+
+def test_psnr():
+    a = torch.zeros(2, 3, 4, 4)
+    assert reflow.psnr(a, a + 0.2) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item())
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory):
+    path, prompts = teacher
+    out = tmp_path_factory.mktemp("reflow")
+    args = ["--task", "reflow", "--ckpt", path, "--prompts", prompts, "--out", str(out), "--resolution", "32",
+            "--n-pairs", "6", "--teacher-steps", "2", "--batch-size", "4", "--steps", "3", "--lora", "4",
+            "--sample-every", "0", "--save-every", "0", "--warmup", "0", "--lr", "1e-3"]
+    return train.main(args), args, out
+
+
+def test_train_reflow_writes_a_student_sample_py_runs_in_4_steps(student, tmp_path):
+    final, args, out = student
+    b = sd.load(final)
+    assert (b.meta["steps"], b.meta["cfg"], b.meta["task"], b.objective) == ("4", "1.0", "reflow", "diff2flow")
+    assert b.meta["n_pairs"] == "6" and b.meta["lora_config"]  # SD default: LoRA; here rank 4
+    assert os.path.exists(os.path.join(out, "pairs", "00000.safetensors"))  # one shard of 64
+    paths = sample.main(["--ckpt", final, "--prompt", "a red circle", "--out", str(tmp_path), "--device", "cpu"])
+    from PIL import Image
+    info = Image.open(paths[0]).text
+    assert (info["steps"], info["cfg"]) == ("4", "1.0")
+
+
+def test_first_loss_is_the_fm_loss_on_the_stored_pairs(student, teacher):
+    """Step 1's logged loss = the Diff2Flow loss of the (unchanged: LoRA up = 0) teacher UNet with x_0 = the
+    stored noise and x_1 = the stored latent, at train.py's t and data order: the target is latent - noise."""
+    final, args, out = student
+    cfg = train.parse_args(args)
+    train.check_config(cfg)
+    pairs = reflow.load_pairs(os.path.join(out, "pairs"), 6)
+    b = sd.load(teacher[0])
+    idx = torch.tensor(next(train.batch_indices(cfg, 6, 0, 0, 1)))
+    _, t, _ = train.draw(cfg, "diff2flow", 0, 4, (4, 8, 8), 1000, "cpu")
+    with torch.no_grad():
+        loss = diff2flow.diff2flow_loss(b.unet, pairs.x1[idx], b.encode_prompt([pairs.prompts[i] for i in idx]),
+                                        b.alphas_cumprod, b.prediction, noise=pairs.noise[idx], t=t)
+    logged = json.loads(open(os.path.join(out, "log.jsonl")).readline())["loss"]
+    assert logged == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_reflow_run_resumes_exactly(student, tmp_path):
+    final, args, out = student
+    short = [a if a != str(out) else str(tmp_path) for a in args]
+    short[short.index("--steps") + 1] = "2"
+    train.main(short)
+    train.main([*short[:short.index("--steps") + 1], "3", *short[short.index("--steps") + 2:], "--resume"])
+    losses = lambda d: [json.loads(line)["loss"] for line in open(os.path.join(d, "log.jsonl"))]
+    assert losses(tmp_path) == losses(out)
+
+
+def test_reflow_errors(teacher, tmp_path):
+    with pytest.raises(SystemExit, match="needs --prompts FILE"):
+        train.main(["--task", "reflow", "--ckpt", teacher[0], "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--n-pairs and --teacher-steps must be >= 1"):
+        train.main(["--task", "reflow", "--ckpt", teacher[0], "--prompts", teacher[1], "--n-pairs", "0",
+                    "--out", str(tmp_path)])
+
+
+def test_evaluate_pipeline_writes_the_results_section(student, teacher, tmp_path):
+    final = student[0]
+    res = reflow.evaluate_reflow(teacher[0], final, n=8, steps=(1, 2, 4), ref_steps=(25, 40),
+                                 results=str(tmp_path / "R.md"), classifier_dir=str(tmp_path), classifier_steps=2)
+    rows = {(r["model"], r["steps"]): r for r in res["rows"]}
+    assert set(rows) == {("teacher", 1), ("reflow", 1), ("teacher", 2), ("reflow", 2), ("teacher", 4),
+                         ("reflow", 4), ("teacher", 25), ("teacher", 40)}
+    assert rows["teacher", 40]["mse"] == 0 and rows["teacher", 1]["mse"] > 0
+    assert rows["teacher", 4]["calls"] == 8 and rows["reflow", 4]["calls"] == 4  # CFG doubles the teacher's calls
+    text = (tmp_path / "R.md").read_text()
+    assert "<!-- begin reflow -->" in text and "| reflow | 4 | 4 |" in text and "Straightness" in text
+
+
+def test_verdicts():
+    seeds = {"teacher@25": [dict(fd=10.0, acc=0.80), dict(fd=12.0, acc=0.78), dict(fd=11.0, acc=0.79)],
+             "reflow@4": [dict(fd=12.0, acc=0.79), dict(fd=11.0, acc=0.78), dict(fd=12.5, acc=0.78)],
+             "reflow@2": [dict(fd=14.0, acc=0.70), dict(fd=15.0, acc=0.72), dict(fd=16.0, acc=0.71)]}
+    v = reflow.verdicts({"seeds": seeds})
+    ref = v["stats"]["teacher@25"]
+    assert (ref["fd"], ref["fd_spread"]) == (11.0, 2.0) and ref["acc_spread"] == pytest.approx(0.02)
+    assert v["four"]  # FD 11.83 <= 11 + 2, acc 0.783 >= 0.79 - 0.02
+    assert not v["two"] and not v["two_close"]  # acc 0.71 < 0.79 - 3 x 0.02
+
+
+def test_pairs_cli(teacher, tmp_path):
+    path, prompts = teacher
+    with pytest.raises(SystemExit, match="--prompts FILE is needed"):
+        reflow.main(["pairs", "--ckpt", path, "--out", str(tmp_path)])
+    reflow.main(["pairs", "--ckpt", path, "--prompts", prompts, "--out", str(tmp_path), "--n", "3",
+                 "--shard-size", "2", "--steps", "1"])
+    assert sorted(os.listdir(tmp_path)) == ["00000.safetensors", "00001.safetensors", "pairs.json"]
+    assert json.load(open(tmp_path / "pairs.json"))["resolution"] == 32  # from the teacher's metadata
+    with pytest.raises(SystemExit, match="--n must be >= 1"):
+        reflow.main(["pairs", "--n", "0"])
+
+
+def test_ddp_ranks_make_disjoint_shards_and_train_like_one_process(teacher, tmp_path):
+    """torchrun-style gloo DDP, 2 CPU processes: rank 0 makes shards 0 and 2, rank 1 shard 1 (of 64 pairs each);
+    the pairs equal one process's exactly, and the losses match (1e-5 relative: float summation order)."""
+    import socket
+    import subprocess
+    import sys
+    path, prompts = teacher
+    common = ["--task", "reflow", "--ckpt", path, "--prompts", prompts, "--resolution", "32", "--n-pairs", "130",
+              "--teacher-steps", "1", "--steps", "2", "--lora", "4", "--sample-every", "0", "--save-every", "0"]
+    train.main([*common, "--out", str(tmp_path / "one"), "--batch-size", "4"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, os.path.join(reflow.ROOT, "train.py"), *common, "--out", str(tmp_path / "ddp"),
+           "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    procs = [subprocess.Popen(cmd, cwd=reflow.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    one, ddp = (reflow.load_pairs(str(tmp_path / d / "pairs"), 130) for d in ("one", "ddp"))
+    assert torch.equal(one.noise, ddp.noise) and torch.equal(one.x1, ddp.x1) and one.prompts == ddp.prompts
+    losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")] for d in ("one", "ddp")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_demo_file_chain_lora_on_unet_only_on_full_bundle(student, teacher, tmp_path):
+    """make_demo.sh's layout: reflow_tiny (fp16 LoRA) -> d2f_tiny (UNet-only) -> prior_tiny (full), names relative."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    import shutil
+    shutil.copy(teacher[0], tmp_path / "prior.safetensors")
+    sd.save(sd.load(teacher[0]), str(tmp_path / "d2f.safetensors"), dtype=torch.float16, base="prior.safetensors")
+    with safe_open(student[0], "pt") as f:
+        meta = {**f.metadata(), "base_model": "d2f.safetensors"}
+    save_file({k: v.half() for k, v in load_file(student[0]).items()}, str(tmp_path / "reflow.safetensors"),
+              metadata=meta)
+    a, b = sd.load(str(tmp_path / "reflow.safetensors")), sd.load(student[0])
+    assert (a.meta["steps"], a.meta["cfg"], a.objective) == ("4", "1.0", "diff2flow")
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), b.encode_prompt(["a", "b"])
+    with torch.no_grad():  # the same model up to fp16 rounding (measured 2e-3), and the LoRA is in (0.18 away)
+        ya, yb, y_teacher = a.unet(x, t, c), b.unet(x, t, c), sd.load(teacher[0]).unet(x, t, c)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0.02)
+    assert (ya - y_teacher).abs().max() > 0.05
+
+
+def test_full_finetune_student_overrides_the_teachers_sampling_defaults(student, tmp_path):
+    final, args, out = student
+    full = [a if a != str(out) else str(tmp_path) for a in args] + ["--lora", "", "--steps", "1",
+                                                                     "--pairs", os.path.join(out, "pairs")]
+    b = sd.load(train.main(full))  # a full bundle; the teacher's own metadata says cfg 3.0
+    assert (b.meta["cfg"], b.meta["steps"], b.objective, "lora_config" in b.meta) == ("1.0", "4", "diff2flow", False)
+    assert not os.path.exists(tmp_path / "pairs")  # --pairs: the existing folder was used

@@ -1,0 +1,112 @@
+"""scenes.py: exact ray-cast geometry (analytic cases), determinism, the pair-folder files."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import depth
+import scenes
+from scenes import Scene, Surface
+
+
+def flat(kind, **geom):
+    return Surface(kind, geom, np.array([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]]), "flat")
+
+
+def facing_wall(dist, fov_deg=90.0):
+    """Camera at the origin looking down +z at a wall z = dist, lamp beside the camera."""
+    wall = flat("plane", point=np.array([0, 0, dist]), normal=np.array([0.0, 0, -1]))
+    return Scene([wall], np.zeros(3), np.eye(3), np.deg2rad(fov_deg), np.array([0.0, 0, 0.5]), sky=False)
+
+
+def test_planar_depth_of_a_facing_wall_is_its_distance_everywhere():
+    """Depth is the z-distance, not the ray length: a wall at 5 m reads 5 m in every pixel (corner rays of a
+    90 degree view travel ~6.1 m)."""
+    rgb, d = scenes.render(facing_wall(5.0), 16)
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    np.testing.assert_allclose(d, 5.0, rtol=1e-6)
+    rays = scenes.rays(facing_wall(5.0), 16, 1)
+    assert 5.0 / rays[:, 2].min() > 6.0
+
+
+def test_sphere_hits_near_root_outside_far_root_inside_and_misses():
+    g = dict(center=np.array([0.0, 0, 4]), radius=1.0)
+    o = np.array([[0.0, 0, 0], [0, 0, 4], [0, 3, 0]])
+    d = np.array([[0.0, 0, 1], [0, 0, 1], [0, 0, 1]])
+    t, n = scenes.hit_sphere(o, d, g)
+    np.testing.assert_allclose(t[:2], [3.0, 1.0])
+    assert np.isinf(t[2])
+    np.testing.assert_allclose(n[0], [0, 0, -1])
+
+
+def test_box_slabs_with_yaw():
+    """A box of half sizes (1, 0.5, 2): from x = -10 along +x it is hit at 9; turned 90 degrees about y its
+    long side lies along x, hit at 8. Normals face the ray."""
+    o, d = np.array([[-10.0, 0, 0]]), np.array([[1.0, 0, 0]])
+    g = dict(center=np.zeros(3), half=np.array([1.0, 0.5, 2.0]), yaw=0.0)
+    t, n = scenes.hit_box(o, d, g)
+    np.testing.assert_allclose(t, [9.0])
+    np.testing.assert_allclose(n[0], [-1, 0, 0], atol=1e-12)
+    t, n = scenes.hit_box(o, d, {**g, "yaw": np.pi / 2})
+    np.testing.assert_allclose(t, [8.0])
+    np.testing.assert_allclose(n[0], [-1, 0, 0], atol=1e-12)
+    t, _ = scenes.hit_box(np.array([[-10.0, 5, 0]]), d, g)  # passes above
+    assert np.isinf(t[0])
+
+
+def test_nearest_surface_wins_and_shadows_darken():
+    """A sphere in front of the wall occludes it (depth 4 - 1 = 3 at the centre); the wall behind the
+    sphere, seen from the lamp's side, is darker than the lit wall beside it."""
+    s = facing_wall(8.0, fov_deg=60)
+    s.surfaces.append(flat("sphere", center=np.array([0.0, 0, 4]), radius=1.0))
+    s.light = np.array([0.0, 0, 0.5])
+    t, idx, _ = scenes.cast(s.surfaces, np.zeros((1, 3)), np.array([[0.0, 0, 1]]))
+    assert (t[0], idx[0]) == (3.0, 1)
+    shadowed = scenes.shade(s, np.array([[0.0, 1.5, 0]]), np.array([[0.0, 0, 1]]))  # wall point (0, 1.5, 8)
+    lit = scenes.shade(s, np.array([[0.0, 3.5, 0]]), np.array([[0.0, 0, 1]]))  # (0, 3.5, 8): lamp sees it
+    assert scenes.cast(s.surfaces, np.array([[0.0, 0, 0.5]]), np.array([[0.0, 1.5, 7.5]]) / np.hypot(1.5, 7.5))[1][0] == 1
+    assert shadowed[0].sum() < lit[0].sum()
+
+
+def test_scenes_are_deterministic_by_seed_and_index():
+    a, b = scenes.render(scenes.make_scene(0, 3), 24), scenes.render(scenes.make_scene(0, 3), 24)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], scenes.render(scenes.make_scene(0, 4), 24)[1])
+    assert not np.array_equal(a[1], scenes.render(scenes.make_scene(scenes.TEST_SEED, 3), 24)[1])
+
+
+def test_depths_are_metric_and_in_range_and_sky_is_invalid():
+    lo, hi = depth.DEPTH_RANGES["scenes"]
+    skies = 0
+    for i in range(12):
+        s = scenes.make_scene(0, i)
+        _, d = scenes.render(s, 16)
+        assert (d[d > 0] > lo).all() and (d < hi).all()
+        skies += (d == 0).any()
+        if not s.sky:
+            assert (d > 0).all(), "a closed room has depth everywhere"
+    assert skies > 0, "some rooms are open to the sky (invalid pixels)"
+
+
+def test_write_pairs_16bit_millimetres_read_back(tmp_path):
+    out = scenes.write_pairs(tmp_path / "pairs", 3, 16, seed=5)
+    ds = depth.PairDataset(out)
+    assert len(ds) == 3
+    image, d, valid = ds[1]
+    _, exact = scenes.render(scenes.make_scene(5, 1), 16)
+    np.testing.assert_allclose(d.numpy(), exact, atol=5e-4)  # rounded to whole millimetres
+    np.testing.assert_array_equal(valid.numpy(), exact > 0)
+    assert image.shape == (3, 16, 16) and -1 <= image.min() and image.max() <= 1
+
+
+def test_cli(tmp_path):
+    r = subprocess.run([sys.executable, "scenes.py", "--out", str(tmp_path / "s"), "--n", "2", "--size", "16",
+                        "--seed", "3"], capture_output=True, text=True, cwd=scenes.__file__.rsplit("/", 1)[0])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 2
+    assert sorted(p.name for p in (tmp_path / "s" / "depth").iterdir()) == ["00000.png", "00001.png"]
+    with pytest.raises(SystemExit, match="--n and --size"):
+        scenes.main(["--out", str(tmp_path / "x"), "--n", "0"])
