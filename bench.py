@@ -4,8 +4,8 @@ Each benchmark is a function registered with @benchmark("name"); it returns tabl
 (what, ours, reference, unit) and `--only name[,name]` selects which run. diffusers is imported only
 inside this script's functions: it is the yardstick, never a dependency of the core modules.
 
-    flock /tmp/heavy.lock python bench.py                 # everything, 2 threads
-    flock /tmp/heavy.lock python bench.py --only unet --size 64 --batch 2 --repeat 5
+    flock /tmp/heavy.lock python bench.py                 # everything at the defaults, 2 threads
+    flock /tmp/heavy.lock python bench.py --only unet --unets sd15 --sizes 64 --batches 2 --precisions fp32
 """
 import argparse
 import platform
@@ -48,49 +48,186 @@ def random_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def sd15_unet_pair():
-    """Our SD1.5 UNet and diffusers' UNet2DConditionModel sharing the same weight tensors, the latter
-    obtained through diffusers' own LDM checkpoint converter."""
+UNET_CONFIGS = {  # diffusers UNet2DConditionModel configs of our PRESETS (as in diffusers' single-file loader)
+    "sd15": dict(attention_head_dim=8, cross_attention_dim=768),
+    "sd21": dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True),
+}
+
+
+def unet_pair(name: str, ours=None):
+    """Our UNet (random weights unless given) and diffusers' UNet2DConditionModel sharing the same weight
+    tensors, the latter obtained through diffusers' own LDM checkpoint converter."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     from unet import PRESETS, UNet
-    cfg = PRESETS["sd15"]
-    with torch.device("meta"):
-        ours = UNet(cfg)
-    random_init(ours.to_empty(device="cpu")).eval()
+    if ours is None:
+        with torch.device("meta"):
+            ours = UNet(PRESETS[name])
+        random_init(ours.to_empty(device="cpu"))
     config = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
                   down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                   up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                  layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+                  layers_per_block=2, **UNET_CONFIGS[name])
     ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     with torch.device("meta"):
         ref = UNet2DConditionModel(**config)
     ref.load_state_dict(convert_ldm_unet_checkpoint(ldm, config), strict=True, assign=True)
-    return ours, ref.eval()
+    return ours.eval(), ref.eval()
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # bf16 = autocast (fp32 weights), on both sides
+
+
+def timed(args, fns, precision, repeat=None, warmup=None):
+    """best_of under no_grad and the precision's autocast."""
+    dtype = PRECISIONS[precision]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        return best_of(fns, args.repeat if repeat is None else repeat, args.warmup if warmup is None else warmup)
 
 
 @benchmark("unet")
 def bench_unet(args):
-    ours, ref = sd15_unet_pair()
-    x = torch.randn(args.batch, 4, args.size, args.size)
-    fmt = ""
-    if args.channels_last:  # both sides; ours keeps the layout through its SpatialTransformers
-        ours, ref, x = (m.to(memory_format=torch.channels_last) for m in (ours, ref, x))
-        fmt = " channels_last"
-    t = torch.full((args.batch,), 500.0)
-    ctx = torch.randn(args.batch, 77, 768)
+    """UNet forward over --unets x --sizes x --batches x --precisions (batch 2 = one guided step)."""
     rows = []
-    for precision, dtype in [("fp32", None), ("bf16 autocast", torch.bfloat16)]:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            ours_s, ref_s = best_of([lambda: ours(x, t, ctx), lambda: ref(x, t, encoder_hidden_states=ctx)],
-                                    args.repeat, args.warmup)
-        rows.append((f"unet sd15 fwd {args.batch}x4x{args.size}x{args.size} {precision}{fmt}", ours_s * 1e3, ref_s * 1e3, "ms"))
+    for name in args.unets:
+        ours, ref = unet_pair(name)
+        if args.channels_last:  # both sides; ours keeps the layout through its SpatialTransformers
+            ours, ref = (m.to(memory_format=torch.channels_last) for m in (ours, ref))
+        for size in args.sizes:
+            for batch in args.batches:
+                x = torch.randn(batch, 4, size, size)
+                x = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+                t, ctx = torch.full((batch,), 500.0), torch.randn(batch, 77, ours.cfg.context_dim)
+                for precision in args.precisions:
+                    ours_s, ref_s = timed(args, [lambda: ours(x, t, ctx),
+                                                 lambda: ref(x, t, encoder_hidden_states=ctx)], precision)
+                    what = f"unet {name} fwd {batch}x4x{size}x{size} {precision}{' cl' if args.channels_last else ''}"
+                    rows.append((what, ours_s * 1e3, ref_s * 1e3, "ms"))
+        del ours, ref
     return rows
 
 
-# Child processes for the "load" benchmark: peak RSS (ru_maxrss) is per process, so writing the file and
-# loading it must happen in fresh processes of their own.
+def vae_pair(ours=None):
+    """Our SD VAE and diffusers' AutoencoderKL on the same weights (diffusers' LDM converter)."""
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from vae import PRESETS, AutoencoderKL
+    if ours is None:
+        with torch.device("meta"):
+            ours = AutoencoderKL(PRESETS["sd"])
+        random_init(ours.to_empty(device="cpu"))
+    config = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
+                  layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512,
+                  scaling_factor=ours.scale_factor)
+    ldm = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+    with torch.device("meta"):
+        ref = DAutoencoderKL(**config)
+    ref.load_state_dict(convert_ldm_vae_checkpoint(ldm, config), strict=True, assign=True)
+    return ours.eval(), ref.eval()
+
+
+@benchmark("vae")
+def bench_vae(args):
+    """VAE decode of (1, 4, s, s) latents to (1, 3, 8s, 8s) images, s = --vae-size (default 64: 512 px)."""
+    ours, ref = vae_pair()
+    s, sf = args.vae_size, ours.scale_factor
+    z = torch.randn(1, 4, s, s) * sf
+    rows = []
+    for precision in args.precisions:
+        ours_s, ref_s = timed(args, [lambda: ours.decode(z), lambda: ref.decode(z / sf).sample], precision,
+                              repeat=max(1, args.repeat // 2), warmup=1)
+        rows.append((f"vae decode 1x4x{s}x{s} -> {8 * s}px {precision}", ours_s * 1e3, ref_s * 1e3, "ms"))
+    return rows
+
+
+def text_pair(ours=None):
+    """Our SD1 text encoder and transformers' CLIPTextModel on the same weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from clip_text import PRESETS, TextEncoder
+    if ours is None:
+        with torch.device("meta"):
+            ours = TextEncoder(PRESETS["sd1"])
+        random_init(ours.to_empty(device="cpu"))
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    with torch.device("meta"):
+        ref = CLIPTextModel(cfg)
+    sd = ours.state_dict()
+    if not any(k.startswith("text_model.") for k in ref.state_dict()):  # transformers >= 5.6 dropped it
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    ref.load_state_dict(sd, strict=True, assign=True)
+    return ours.eval(), ref.eval()
+
+
+@benchmark("text")
+def bench_text(args):
+    """SD1 text encoding of 2 prompts (prompt + negative, as one guided sampling needs), tokenizing included."""
+    from clip_text import Tokenizer
+    ours, ref = text_pair()
+    tok, prompts = Tokenizer(), ["a photo of an astronaut riding a horse on mars", ""]
+    rows = []
+    for precision in args.precisions:
+        ours_s, ref_s = timed(args, [lambda: ours(tok(prompts)), lambda: ref(input_ids=tok(prompts))], precision)
+        rows.append((f"text encode sd1 2 prompts {precision}", ours_s * 1e3, ref_s * 1e3, "ms"))
+    return rows
+
+
+def sd15_bundle_and_pipeline():
+    """Our SD1.5 bundle (eps) and a diffusers StableDiffusionPipeline (DDIM) on the same random weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    import sd
+    bundle = sd.create(unet="sd15", vae="sd", text="sd1", version="sd1", prediction="eps")
+    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+        random_init(m).eval()
+    unet, vae, text = unet_pair("sd15", bundle.unet)[1], vae_pair(bundle.vae)[1], text_pair(bundle.text_encoder)[1]
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return bundle, pipe
+
+
+@benchmark("sample")
+def bench_sample(args):
+    """Whole guided sampling at --sample-size latents: both prompts encoded, N batch-2 UNet calls, VAE decode.
+    Ours: sd.encode_prompt + diff2flow.sample_euler on the FlowModel + sample.to_uint8. diffusers:
+    StableDiffusionPipeline (DDIM) given the CLIPTextModel embeddings of our tokenizer's ids (its tokenizer
+    needs vocab files from the Hub; tokenizing is < 1 ms either way)."""
+    import diff2flow
+    from sample import to_uint8
+    bundle, pipe = sd15_bundle_and_pipeline()
+    model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, bundle.objective)
+    prompt, s = "a photo of an astronaut riding a horse on mars", args.sample_size
+
+    def ours(steps):
+        context, uncond = bundle.encode_prompt([prompt]), bundle.encode_prompt([""])
+        noise = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(0))
+        return to_uint8(bundle.vae, diff2flow.sample_euler(model, noise, steps, context, uncond, 7.5))
+
+    def ref(steps):
+        ids = bundle.tokenizer([prompt, ""])
+        cond, uncond = pipe.text_encoder(input_ids=ids).last_hidden_state.chunk(2)
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                    guidance_scale=7.5, height=8 * s, width=8 * s, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    rows, warmup = [], args.warmup
+    for steps in args.steps:
+        ours_s, ref_s = timed(args, [lambda: ours(steps), lambda: ref(steps)], "fp32",
+                              repeat=args.sample_repeat, warmup=warmup)
+        warmup = 0  # the first step count warmed both up
+        rows.append((f"sample sd15 {steps} steps cfg 1x4x{s}x{s} -> {8 * s}px fp32", ours_s * 1e3, ref_s * 1e3, "ms"))
+    return rows
+
+
+# Child processes for the "load" benchmark: peak RSS is per process, so writing the file and loading it
+# must happen in fresh processes of their own.
 _WRITE = """
 import sys, torch, sd
 from bench import random_init
@@ -99,11 +236,15 @@ for m in (b.unet, b.vae, b.text_encoder):
     random_init(m)
 sd.save(b, sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 """
+# Linux VmHWM, not ru_maxrss: exec folds the forking parent's RSS into ru_maxrss, which made every row read
+# bench.py's own ~7 GiB once models had been built in it.
 _LOAD = """
-import resource, sys, torch, sd
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, torch, sd
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # KiB
+base = hwm()
 sd.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+print(base, hwm())
 """
 
 
@@ -128,8 +269,8 @@ def bench_load(args):
     return rows
 
 
-# Later rows register here the same way: VAE decode, text encoding, sampling. Training-step rows
-# (Diff2Flow vs diffusion step time, LoRA vs full memory) are in bench_train.py.
+# Training-step rows (Diff2Flow vs diffusion step time, LoRA vs full memory, gradient checkpointing) are in
+# bench_train.py.
 
 
 def print_table(rows):
@@ -145,21 +286,35 @@ def main():
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated benchmarks to run, from: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--size", type=int, default=32, help="latent height = width (default 32)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    strs = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    parser.add_argument("--unets", type=strs, default=["sd15", "sd21"], help="UNet configs (default sd15,sd21)")
+    parser.add_argument("--sizes", type=ints, default=[32], help="latent sizes for unet (default 32; 64 is ~4x slower)")
+    parser.add_argument("--batches", type=ints, default=[1, 2], help="batch sizes for unet (default 1,2; 2 = guidance)")
+    parser.add_argument("--precisions", type=strs, default=["fp32", "bf16"],
+                        help="fp32 and/or bf16 (autocast) for unet/vae/text (default fp32,bf16)")
+    parser.add_argument("--vae-size", type=int, default=64, help="latent size for vae decode (default 64: 512 px)")
+    parser.add_argument("--steps", type=ints, default=[4, 25], help="sampling steps for sample (default 4,25)")
+    parser.add_argument("--sample-size", type=int, default=32,
+                        help="latent size for sample (default 32: 256 px, to keep 25 steps short on a CPU)")
+    parser.add_argument("--sample-repeat", type=int, default=2, help="timed runs per sample row (default 2)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run models and inputs in torch.channels_last memory format (both sides)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed calls; the best is reported (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls; the best is reported (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+    if set(args.precisions) - set(PRECISIONS) or set(args.unets) - set(UNET_CONFIGS):
+        parser.error(f"--precisions takes {list(PRECISIONS)}, --unets takes {list(UNET_CONFIGS)}")
 
     import diffusers
+    import transformers
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}")
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+          f"python {platform.python_version()}")
     print(f"device cpu ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
           f"best of {args.repeat} after {args.warmup} warm-up\n")
     rows = [row for name in names for row in BENCHMARKS[name](args)]

@@ -2,19 +2,22 @@
 
   - time of a Diff2Flow training step vs a plain diffusion step (the paper: no extra cost; target <= 1.02),
   - peak memory of LoRA vs full fine-tuning (each in a fresh process: on CPU the peak resident memory of the
-    training steps (Linux VmHWM, reset after loading), on CUDA the peak allocated memory).
+    training steps (Linux VmHWM, reset after loading), on CUDA the peak allocated memory),
+  - with --checkpointing: gradient checkpointing on vs off, full and LoRA (peak memory and step time).
 
 A step is forward + backward + AdamW on random latents and text context: the VAE and text encoder are the
 same for every objective (and cached with train.py --cache), so they are left out.
 
     flock /tmp/heavy.lock python bench_train.py                                        # tiny UNet
     flock /tmp/heavy.lock python bench_train.py --unet sd15 --channels 128 --size 32    # SD1.5 layout, narrower
+    flock /tmp/heavy.lock python bench_train.py --unet sd15 --channels 64 --size 64 --batch 1 --checkpointing
 
 train_rows(args) returns bench.py rows (what, ours, reference, unit): ours/ref is the ratio asked for.
 """
 import argparse
 import dataclasses
 import multiprocessing as mp
+import time
 import torch
 
 import diff2flow
@@ -23,12 +26,14 @@ from bench import best_of, print_table, random_init
 from unet import PRESETS, UNet
 
 
-def build(args, lora_preset):
-    """A randomly initialised UNet (optionally narrowed), with a LoRA preset or fully trainable, + AdamW."""
+def build(args, lora_preset, ckpt=False):
+    """A randomly initialised UNet (optionally narrowed), with a LoRA preset or fully trainable, + AdamW;
+    ckpt: gradient checkpointing (activations recomputed in backward)."""
     cfg = dataclasses.replace(PRESETS[args.unet], **({"model_channels": args.channels} if args.channels else {}))
     with torch.device("meta"):
         unet = UNet(cfg)
     unet = random_init(unet.to_empty(device=args.device)).train()
+    unet.grad_checkpointing = ckpt
     if lora_preset:
         lora.apply_lora(unet, lora.PRESETS[lora_preset])
     else:
@@ -63,23 +68,26 @@ def reset_peak_rss():
         f.write("5")
 
 
-def peak_memory(args, lora_preset, queue):
-    """In a fresh process: (memory with the model loaded, peak over two Diff2Flow training steps), bytes."""
+def peak_memory(args, lora_preset, ckpt, queue):
+    """In a fresh process: (memory with the model loaded, peak over two Diff2Flow training steps (bytes),
+    time of the second step (s))."""
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    unet, opt, x1, context = build(args, lora_preset)
+    unet, opt, x1, context = build(args, lora_preset, ckpt)
     step = step_fn(diff2flow.diff2flow_loss, unet, opt, x1, context, args.device)
     base = torch.cuda.memory_allocated() if cuda else rss()
     torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()  # the peak of training, not of loading
-    for _ in range(2):
-        step()
-    queue.put((base, torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")))
+    step()  # the first step also allocates AdamW's state
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    queue.put((base, torch.cuda.max_memory_allocated() if cuda else rss("VmHWM"), seconds))
 
 
-def measure(args, lora_preset):
+def measure(args, lora_preset, ckpt=False):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=peak_memory, args=(args, lora_preset, queue))
+    p = ctx.Process(target=peak_memory, args=(args, lora_preset, ckpt, queue))
     p.start()
     result = queue.get()
     p.join()
@@ -94,12 +102,24 @@ def train_rows(args):
              for loss in (diff2flow.diff2flow_loss, diff2flow.diffusion_loss)]
     d2f, dm = best_of(steps, args.repeat, args.warmup)
     del unet, opt
-    (lora_base, lora_peak), (full_base, full_peak) = measure(args, args.lora), measure(args, None)
+    (lora_base, lora_peak, _), (full_base, full_peak, _) = measure(args, args.lora), measure(args, None)
     MiB = 2**20
-    return [(f"train step {shape} LoRA {args.lora}: Diff2Flow vs diffusion", d2f * 1e3, dm * 1e3, "ms"),
+    rows = [(f"train step {shape} LoRA {args.lora}: Diff2Flow vs diffusion", d2f * 1e3, dm * 1e3, "ms"),
             (f"train peak memory {shape}: LoRA {args.lora} vs full", lora_peak / MiB, full_peak / MiB, "MiB"),
             ("  of which above the loaded weights", (lora_peak - lora_base) / MiB, (full_peak - full_base) / MiB,
              "MiB")]
+    return rows + (checkpointing_rows(args, shape) if args.checkpointing else [])
+
+
+def checkpointing_rows(args, shape):
+    """Gradient checkpointing on vs off, full and LoRA: peak memory and the time of one step (a single
+    timing, the second step of a fresh process; target: peak at least 40% lower at 64x64 latents)."""
+    rows, MiB = [], 2**20
+    for name, preset in [("full", None), (f"LoRA {args.lora}", args.lora)]:
+        (_, on_peak, on_s), (_, off_peak, off_s) = measure(args, preset, True), measure(args, preset, False)
+        rows += [(f"train peak memory {shape} {name}: grad ckpt vs none", on_peak / MiB, off_peak / MiB, "MiB"),
+                 (f"train step {shape} {name}: grad ckpt vs none (1 step)", on_s * 1e3, off_s * 1e3, "ms")]
+    return rows
 
 
 def main():
@@ -113,6 +133,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per objective first")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared machine OpenMP spin-waits distort 2-thread timings)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="add rows: gradient checkpointing on vs off (peak memory, step time), full and LoRA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
