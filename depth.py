@@ -49,7 +49,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
@@ -110,7 +109,7 @@ def expand_first_conv(unet):
     image latent] (2C channels) with weight [W/2, W/2] and the same bias, so conv([x, x]) = conv_prior(x)."""
     old = unet.input_blocks[0][0]
     c = old.in_channels
-    new = nn.Conv2d(2 * c, old.out_channels, old.kernel_size, padding=old.padding,
+    new = type(old)(2 * c, old.out_channels, old.kernel_size, padding=old.padding,
                     device=old.weight.device, dtype=old.weight.dtype)
     new.weight.copy_(torch.cat([old.weight, old.weight], 1) / 2)  # (out, 2C, k, k)
     new.bias.copy_(old.bias)

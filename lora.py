@@ -16,6 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unet import Conv2d, Linear
+
 # Target groups as patterns on the LDM module paths (UNet submodule names, prefix stripped).
 PATTERNS = {
     "attn1": r"\.attn1\.to_[qkv]$",  # self-attention q/k/v
@@ -95,7 +97,7 @@ class LoRALayer:
         self.merged = merged
 
 
-class LoRALinear(LoRALayer, nn.Linear):
+class LoRALinear(LoRALayer, Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout=0.0):
         # build the nn.Linear shell on meta (no allocation), then adopt base's Parameters
         super().__init__(base.in_features, base.out_features, base.bias is not None, device="meta")
@@ -104,7 +106,7 @@ class LoRALinear(LoRALayer, nn.Linear):
                        rank, alpha, dropout)
 
 
-class LoRAConv2d(LoRALayer, nn.Conv2d):
+class LoRAConv2d(LoRALayer, Conv2d):
     def __init__(self, base: nn.Conv2d, rank: int, alpha=None, dropout=0.0):
         b = base
         assert b.groups == 1 and b.dilation == (1, 1), "LoRA supports plain convs only"
@@ -130,7 +132,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     layers. Returns the wrapped module names."""
     assert not any(isinstance(m, LoRALayer) for m in model.modules()), "model already has LoRA"
     names = [n for n, m in model.named_modules()
-             if type(m) in (nn.Linear, nn.Conv2d) and target_group(n, m) in cfg.targets]
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and target_group(n, m) in cfg.targets]
     model.requires_grad_(False)
     for name in names:
         parent, _, leaf = name.rpartition(".")
@@ -217,7 +219,7 @@ def _fit_first_conv(model: nn.Module, w):
     old = model.get_submodule(FIRST)
     if w is None or w.shape == old.weight.shape:
         return
-    new = nn.Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
+    new = Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
                     device=old.weight.device, dtype=old.weight.dtype)
     parent, _, leaf = FIRST.rpartition(".")
     setattr(model.get_submodule(parent), leaf, new)

@@ -1,5 +1,7 @@
 """UNet tests. diffusers is a test-only oracle: our LDM-format state dict goes through diffusers' own
 LDM->diffusers converter, so key names, shapes and numerics are all checked against it."""
+import copy
+import io
 import json
 from dataclasses import asdict, replace
 
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from helpers import randomize
+import unet as unet_module
 from unet import PRESETS, UNet, UNetConfig
 
 PARITY_ATOL = 1e-4
@@ -211,3 +214,78 @@ def test_channels_last_and_upcast_match():
         torch.testing.assert_close(up.eval()(x, t, ctx), base, rtol=0, atol=1e-6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert up(x, t, ctx).isfinite().all()
+
+
+# --- the CPU inference fast paths (unet.Conv2d's packed weights, unet.Linear through oneDNN) -------------------
+
+def _fast_and_base(model, *args, monkeypatch):
+    """(output with the oneDNN fast paths, output with plain nn.Conv2d / nn.Linear), both under no_grad."""
+    with torch.no_grad():
+        fast = model(*args)
+        with monkeypatch.context() as m:
+            m.setattr(unet_module, "_ONEDNN", False)
+            base = model(*args)
+    return fast, base
+
+
+def _packed_convs(model):
+    return [m for m in model.modules() if isinstance(m, unet_module.Conv2d) and m._cache is not None]
+
+
+@pytest.mark.skipif(not unet_module._ONEDNN, reason="this PyTorch build has no oneDNN")
+def test_cpu_fast_path_equals_base_layers(monkeypatch):
+    model = random_ours(TINY)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0]), torch.randn(2, 77, 128)
+    fast, base = _fast_and_base(model, x, t, ctx, monkeypatch=monkeypatch)
+    assert _packed_convs(model), "the fast path was not taken"
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, base, rtol=0, atol=1e-5)  # fp32: only the summation order differs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast16, base16 = _fast_and_base(model, x, t, ctx, monkeypatch=monkeypatch)
+    assert fast16.dtype == base16.dtype
+    err_fast, err_base = ((y.float() - base).abs().max().item() for y in (fast16, base16))
+    assert err_fast <= 2 * err_base + 1e-3, f"bf16 fast path error {err_fast:.3g} vs plain bf16 {err_base:.3g}"
+
+
+@pytest.mark.skipif(not unet_module._ONEDNN, reason="this PyTorch build has no oneDNN")
+def test_cpu_fast_path_follows_weight_changes(monkeypatch):
+    """The packed cache must never serve stale weights: in-place edits (an optimizer step, a LoRA merge),
+    load_state_dict by copy and by assignment, and dtype round trips all show up in the next output."""
+    model, other = random_ours(TINY, seed=0), random_ours(TINY, seed=1)
+    args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
+
+    def check():
+        fast, base = _fast_and_base(model, *args, monkeypatch=monkeypatch)
+        torch.testing.assert_close(fast, base, rtol=0, atol=1e-5)
+        return fast
+
+    first = check()
+    with torch.no_grad():
+        model.input_blocks[1][0].in_layers[2].weight.mul_(1.5)
+    assert not torch.allclose(check(), first)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(*args).square().mean().backward()  # with autograd: the plain layers, nothing packed anew
+    opt.step()
+    model.eval()
+    check()
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(check(), _fast_and_base(other, *args, monkeypatch=monkeypatch)[1], rtol=0, atol=1e-5)
+    model.load_state_dict({k: v.clone() * 0.5 for k, v in other.state_dict().items()}, assign=True)
+    check()
+    model.to(torch.bfloat16).to(torch.float32)
+    check()
+
+
+def test_cpu_fast_path_leaves_training_and_copies_alone():
+    model = random_ours(TINY)
+    args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
+    model(*args).sum().backward()  # autograd recording: base layers only
+    assert not _packed_convs(model)
+    with torch.no_grad():
+        out = model(*args)
+    twin = copy.deepcopy(model)  # opaque oneDNN tensors cannot be copied: the cache is left behind
+    assert not _packed_convs(twin)
+    torch.save(model, io.BytesIO())  # pickling the module goes through the same __getstate__
+    with torch.no_grad():
+        torch.testing.assert_close(twin(*args), out, rtol=0, atol=1e-5)
