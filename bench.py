@@ -108,6 +108,42 @@ def bench_unet(args):
     return rows
 
 
+KERNEL_SHAPES = {  # SD1.5 UNet layers: (conv in_ch, out_ch, latent side, batch) and (linear tokens, in, out)
+    "conv": [(320, 320, 32, 2), (640, 640, 16, 1), (1280, 1280, 8, 1), (2560, 1280, 4, 1), (1280, 1280, 16, 2),
+             (960, 320, 32, 2)],
+    "linear": [(8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (512, 1280, 10240)],
+    "attention": [(4096, 8, 40), (1024, 8, 80)],  # (tokens, heads, head width): self-attention at 64x64 latents
+}
+
+
+@benchmark("kernels")
+def bench_kernels(args):
+    """unet.py's CPU fast-path layers against the plain nn.Conv2d / nn.Linear on the same weights, one layer
+    at a time (what each fast path buys; the reference column here is PyTorch, not diffusers)."""
+    import unet
+    rows = []
+    for (cin, cout, side, batch) in KERNEL_SHAPES["conv"]:
+        fast = random_init(unet.Conv2d(cin, cout, 3, padding=1))
+        x = torch.randn(batch, cin, side, side)
+        for precision in args.precisions:
+            s = timed(args, [lambda: fast(x), lambda: torch.nn.Conv2d.forward(fast, x)], precision)
+            rows.append((f"conv3x3 {batch}x{cin}x{side}x{side} -> {cout} {precision}", s[0] * 1e3, s[1] * 1e3, "ms"))
+    for (n, cin, cout) in KERNEL_SHAPES["linear"]:
+        fast, x = random_init(unet.Linear(cin, cout)), torch.randn(n, cin)
+        for precision in args.precisions:
+            s = timed(args, [lambda: fast(x), lambda: torch.nn.Linear.forward(fast, x)], precision)
+            rows.append((f"linear {n}x{cin} -> {cout} {precision}", s[0] * 1e3, s[1] * 1e3, "ms"))
+    for (n, heads, d) in KERNEL_SHAPES["attention"]:  # unet.CrossAttention copies q, k, v to contiguous heads
+        q, k, v = (torch.randn(2, n, heads * d).unflatten(-1, (heads, d)).transpose(1, 2) for _ in range(3))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for precision in args.precisions:
+            s = timed(args, [lambda: sdpa(q.contiguous(), k.contiguous(), v.contiguous()), lambda: sdpa(q, k, v)],
+                      precision)
+            rows.append((f"attention 2x{heads}x{n}x{d}, contiguous copies vs strided heads {precision}",
+                         s[0] * 1e3, s[1] * 1e3, "ms"))
+    return rows
+
+
 def vae_pair(ours=None):
     """Our SD VAE and diffusers' AutoencoderKL on the same weights (diffusers' LDM converter)."""
     from diffusers import AutoencoderKL as DAutoencoderKL
@@ -300,6 +336,9 @@ def main():
     parser.add_argument("--sample-repeat", type=int, default=2, help="timed runs per sample row (default 2)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run models and inputs in torch.channels_last memory format (both sides)")
+    parser.add_argument("--plain", action="store_true",
+                        help="turn off unet.py's CPU inference fast paths (packed conv weights, oneDNN Linear) "
+                             "to see what they buy")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls; the best is reported (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     args = parser.parse_args()
@@ -312,11 +351,14 @@ def main():
 
     import diffusers
     import transformers
+
+    import unet
+    unet._ONEDNN = unet._ONEDNN and not args.plain
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"python {platform.python_version()}")
     print(f"device cpu ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
-          f"best of {args.repeat} after {args.warmup} warm-up\n")
+          f"best of {args.repeat} after {args.warmup} warm-up, unet.py fast paths {'on' if unet._ONEDNN else 'off'}\n")
     rows = [row for name in names for row in BENCHMARKS[name](args)]
     print_table(rows)
 
