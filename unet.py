@@ -44,7 +44,7 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
-# --- CPU inference fast paths (numbers in BENCHMARKS.md, "oneDNN fast paths") --------------------------------
+# --- CPU inference fast paths (numbers: BENCHMARKS.md, "CPU fast paths in unet.py") -----------------------
 # PyTorch's eager CPU kernels leave speed on the table in two places that dominate the UNet. Both layers below
 # keep nn.Conv2d / nn.Linear's parameters (same keys), switch on only in CPU inference (no autograd recording,
 # not under torch.compile, fp32 or bf16), and otherwise are exactly their base class.
@@ -96,7 +96,8 @@ class Conv2d(_WeightCache, nn.Conv2d):
 
     def forward(self, x):
         dtype = _onednn_dtype(x)
-        if not self.pack or dtype is None or self.kernel_size == (1, 1):  # 1x1 = a GEMM, already fast
+        # 1x1 convs are GEMMs PyTorch already runs well; oneDNN's packed op pads with zeros only
+        if not self.pack or dtype is None or self.kernel_size == (1, 1) or self.padding_mode != "zeros":
             return super().forward(x)
         w, b = self._cached(dtype, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
             w, self.padding, self.stride, self.dilation, self.groups))
@@ -105,7 +106,7 @@ class Conv2d(_WeightCache, nn.Conv2d):
 
 
 class Linear(_WeightCache, nn.Linear):
-    """Matmul through oneDNN with the bias fused: for fp32 instead of MKL's sgemm (20-35% faster on the UNet's
+    """Matmul through oneDNN with the bias fused: for fp32 instead of MKL's sgemm (6-32% faster on the UNet's
     shapes), for bf16 instead of a matmul that first writes the broadcast bias into a fresh output. Under
     autocast the bf16 copy of the weight is cached rather than cast on every call (SD1.5: 0.5 GB)."""
 

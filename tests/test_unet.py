@@ -289,3 +289,13 @@ def test_cpu_fast_path_leaves_training_and_copies_alone():
     torch.save(model, io.BytesIO())  # pickling the module goes through the same __getstate__
     with torch.no_grad():
         torch.testing.assert_close(twin(*args), out, rtol=0, atol=1e-5)
+
+
+def test_compiled_graph_uses_plain_layers():
+    """Under torch.compile the fast paths step aside (no Python-side cache in the graph): one whole graph,
+    same output. aot_eager traces like inductor does without needing a C++ toolchain."""
+    model = random_ours(TINY)
+    args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), model(*args), rtol=0, atol=1e-5)
