@@ -1,4 +1,5 @@
-"""CPU benchmarks of our modules against the diffusers/transformers implementations (a script, not a test).
+"""Benchmarks of our modules against the diffusers/transformers implementations (a script, not a test), on the
+CPU by default or on a GPU with --device cuda (then also --compile: torch.compile on both sides).
 
 Each benchmark is a function registered with @benchmark("name"); it returns table rows
 (what, ours, reference, unit) and `--only name[,name]` selects which run. diffusers is imported only
@@ -6,6 +7,7 @@ inside this script's functions: it is the yardstick, never a dependency of the c
 
     flock /tmp/heavy.lock python bench.py                 # everything at the defaults, 2 threads
     flock /tmp/heavy.lock python bench.py --only unet --unets sd15 --sizes 64 --batches 2 --precisions fp32
+    python bench.py --device cuda --compile --channels-last --sizes 64 --batches 1,2,8   # on a GPU
 """
 import argparse
 import platform
@@ -23,15 +25,23 @@ def benchmark(name: str):
     return register
 
 
-def best_of(fns, repeat: int, warmup: int) -> list[float]:
+def sync(device: str = "cpu"):
+    """Wait for queued GPU work: CUDA calls return before the kernels have run."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_of(fns, repeat: int, warmup: int, device: str = "cpu") -> list[float]:
     """Best wall time in seconds of each fn over `repeat` calls after `warmup` untimed ones. The fns are
     interleaved so that load from other jobs on a shared machine hits them alike; the best (not the mean)
     is the least noisy estimate of the undisturbed time."""
     best = [float("inf")] * len(fns)
     for i in range(warmup + repeat):
         for j, fn in enumerate(fns):
+            sync(device)
             start = time.perf_counter()
             fn()
+            sync(device)
             if i >= warmup:
                 best[j] = min(best[j], time.perf_counter() - start)
     return best
@@ -54,17 +64,21 @@ UNET_CONFIGS = {  # diffusers UNet2DConditionModel configs of our PRESETS (as in
 }
 
 
+def random_unet(name: str):
+    """Our UNet at a preset, seeded random weights, on the CPU."""
+    from unet import PRESETS, UNet
+    with torch.device("meta"):
+        ours = UNet(PRESETS[name])
+    return random_init(ours.to_empty(device="cpu"))
+
+
 def unet_pair(name: str, ours=None):
     """Our UNet (random weights unless given) and diffusers' UNet2DConditionModel sharing the same weight
     tensors, the latter obtained through diffusers' own LDM checkpoint converter."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from unet import PRESETS, UNet
-    if ours is None:
-        with torch.device("meta"):
-            ours = UNet(PRESETS[name])
-        random_init(ours.to_empty(device="cpu"))
+    ours = random_unet(name) if ours is None else ours
     config = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
                   down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                   up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
@@ -80,32 +94,97 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # bf16 = autocast (fp32 wei
 
 
 def timed(args, fns, precision, repeat=None, warmup=None):
-    """best_of under no_grad and the precision's autocast."""
-    dtype = PRECISIONS[precision]
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        return best_of(fns, args.repeat if repeat is None else repeat, args.warmup if warmup is None else warmup)
+    """best_of under no_grad and the precision's autocast, on args.device."""
+    dtype, device = PRECISIONS[precision], args.device
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype or torch.float32,
+                                         enabled=dtype is not None):
+        return best_of(fns, args.repeat if repeat is None else repeat, args.warmup if warmup is None else warmup,
+                       device)
+
+
+def prepare(args, *models):
+    """The models on args.device, in channels_last with --channels-last, compiled with --compile (the timing
+    warm-up compiles; dynamic=False: one static graph per input shape, as a sampler uses)."""
+    out = []
+    for m in models:
+        m = m.to(args.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+        out.append(torch.compile(m, dynamic=False) if args.compile else m)
+    return out
+
+
+def peak_memory(args, fn, precision):
+    """Peak GPU memory (MiB) allocated by one call of fn beyond what was allocated before it."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=PRECISIONS[precision] or torch.float32,
+                                         enabled=PRECISIONS[precision] is not None):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def latents(args, batch, size):
+    x = torch.randn(batch, 4, size, size, device=args.device)
+    return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def suffix(args):
+    return "".join([" cl" if args.channels_last else "", " compiled" if args.compile else ""])
 
 
 @benchmark("unet")
 def bench_unet(args):
     """UNet forward over --unets x --sizes x --batches x --precisions (batch 2 = one guided step)."""
-    rows = []
+    rows, cuda = [], args.device.startswith("cuda")
     for name in args.unets:
-        ours, ref = unet_pair(name)
-        if args.channels_last:  # both sides; ours keeps the layout through its SpatialTransformers
-            ours, ref = (m.to(memory_format=torch.channels_last) for m in (ours, ref))
+        ours, ref = prepare(args, *unet_pair(name))  # channels_last: ours keeps it through its transformers
+        width = ours.cfg.context_dim
         for size in args.sizes:
             for batch in args.batches:
-                x = torch.randn(batch, 4, size, size)
-                x = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
-                t, ctx = torch.full((batch,), 500.0), torch.randn(batch, 77, ours.cfg.context_dim)
+                x, t = latents(args, batch, size), torch.full((batch,), 500.0, device=args.device)
+                ctx = torch.randn(batch, 77, width, device=args.device)
                 for precision in args.precisions:
-                    ours_s, ref_s = timed(args, [lambda: ours(x, t, ctx),
-                                                 lambda: ref(x, t, encoder_hidden_states=ctx)], precision)
-                    what = f"unet {name} fwd {batch}x4x{size}x{size} {precision}{' cl' if args.channels_last else ''}"
+                    fns = [lambda: ours(x, t, ctx), lambda: ref(x, t, encoder_hidden_states=ctx)]
+                    ours_s, ref_s = timed(args, fns, precision)
+                    what = f"unet {name} fwd {batch}x4x{size}x{size} {precision}{suffix(args)}"
                     rows.append((what, ours_s * 1e3, ref_s * 1e3, "ms"))
+                    if cuda:
+                        rows.append((what + ": peak memory", *(peak_memory(args, f, precision) for f in fns), "MiB"))
         del ours, ref
     return rows
+
+
+@benchmark("flops")
+def bench_flops(args):
+    """Achieved FLOP/s of our UNet forward (batch --flops-batch, --flops-size latents, bf16 autocast, --compile
+    and --channels-last as given) as a fraction of a bf16 matrix product's FLOP/s measured in the same run
+    (the GPU target: >= 0.5). FLOPs are counted once on the meta device (convolutions, matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unet import PRESETS, UNet
+    b, s, n = args.flops_batch, args.flops_size, args.matmul_size
+    rows = []
+    for name in args.unets:
+        width = PRESETS[name].context_dim
+        with torch.device("meta"), FlopCounterMode(display=False) as counter:  # shapes only, nothing computed
+            UNet(PRESETS[name])(torch.empty(b, 4, s, s), torch.empty(b), torch.empty(b, 77, width))
+        flops = counter.get_total_flops()
+        (ours,) = prepare(args, random_unet(name).eval())
+        x, t = latents(args, b, s), torch.full((b,), 500.0, device=args.device)
+        ctx = torch.randn(b, 77, width, device=args.device)
+        secs = timed(args, [lambda: ours(x, t, ctx)], "bf16")[0]
+        rows.append((f"unet {name} fwd {b}x4x{s}x{s} bf16{suffix(args)} ({flops / 1e9:.1f} GFLOP): achieved "
+                     f"vs bf16 matmul {n}x{n}x{n}", flops / secs / 1e12, matmul_tflops(args, n), "TFLOP/s"))
+        del ours
+    return rows
+
+
+def matmul_tflops(args, n: int) -> float:
+    """bf16 TFLOP/s of an n x n x n matrix product on args.device (2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, device=args.device, dtype=torch.bfloat16) for _ in range(2))
+    (secs,) = best_of([lambda: a @ b], args.repeat, args.warmup, args.device)
+    return 2 * n**3 / secs / 1e12
 
 
 KERNEL_SHAPES = {  # SD1.5 UNet layers: (conv in_ch, out_ch, latent side, batch) and (linear tokens, in, out)
@@ -168,9 +247,9 @@ def vae_pair(ours=None):
 @benchmark("vae")
 def bench_vae(args):
     """VAE decode of (1, 4, s, s) latents to (1, 3, 8s, 8s) images, s = --vae-size (default 64: 512 px)."""
-    ours, ref = vae_pair()
+    ours, ref = (m.to(args.device) for m in vae_pair())  # not compiled: decode is not forward
     s, sf = args.vae_size, ours.scale_factor
-    z = torch.randn(1, 4, s, s) * sf
+    z = torch.randn(1, 4, s, s, device=args.device) * sf
     rows = []
     for precision in args.precisions:
         ours_s, ref_s = timed(args, [lambda: ours.decode(z), lambda: ref.decode(z / sf).sample], precision,
@@ -203,11 +282,12 @@ def text_pair(ours=None):
 def bench_text(args):
     """SD1 text encoding of 2 prompts (prompt + negative, as one guided sampling needs), tokenizing included."""
     from clip_text import Tokenizer
-    ours, ref = text_pair()
+    ours, ref = (m.to(args.device) for m in text_pair())
     tok, prompts = Tokenizer(), ["a photo of an astronaut riding a horse on mars", ""]
     rows = []
+    ids = lambda: tok(prompts).to(args.device)  # noqa: E731
     for precision in args.precisions:
-        ours_s, ref_s = timed(args, [lambda: ours(tok(prompts)), lambda: ref(input_ids=tok(prompts))], precision)
+        ours_s, ref_s = timed(args, [lambda: ours(ids()), lambda: ref(input_ids=ids())], precision)
         rows.append((f"text encode sd1 2 prompts {precision}", ours_s * 1e3, ref_s * 1e3, "ms"))
     return rows
 
@@ -238,16 +318,20 @@ def bench_sample(args):
     import diff2flow
     from sample import to_uint8
     bundle, pipe = sd15_bundle_and_pipeline()
+    for m in (bundle.vae, bundle.text_encoder):
+        m.to(args.device)
+    pipe.to(args.device)
+    bundle.unet, pipe.unet = prepare(args, bundle.unet, pipe.unet)  # --compile / --channels-last: the UNets
     model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, bundle.objective)
-    prompt, s = "a photo of an astronaut riding a horse on mars", args.sample_size
+    prompt, s, precision = "a photo of an astronaut riding a horse on mars", args.sample_size, args.sample_precision
 
     def ours(steps):
         context, uncond = bundle.encode_prompt([prompt]), bundle.encode_prompt([""])
-        noise = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(1, 4, s, s, generator=torch.Generator().manual_seed(0)).to(args.device)
         return to_uint8(bundle.vae, diff2flow.sample_euler(model, noise, steps, context, uncond, 7.5))
 
     def ref(steps):
-        ids = bundle.tokenizer([prompt, ""])
+        ids = bundle.tokenizer([prompt, ""]).to(args.device)
         cond, uncond = pipe.text_encoder(input_ids=ids).last_hidden_state.chunk(2)
         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                     guidance_scale=7.5, height=8 * s, width=8 * s, output_type="np",
@@ -255,10 +339,11 @@ def bench_sample(args):
 
     rows, warmup = [], args.warmup
     for steps in args.steps:
-        ours_s, ref_s = timed(args, [lambda: ours(steps), lambda: ref(steps)], "fp32",
+        ours_s, ref_s = timed(args, [lambda: ours(steps), lambda: ref(steps)], precision,
                               repeat=args.sample_repeat, warmup=warmup)
         warmup = 0  # the first step count warmed both up
-        rows.append((f"sample sd15 {steps} steps cfg 1x4x{s}x{s} -> {8 * s}px fp32", ours_s * 1e3, ref_s * 1e3, "ms"))
+        rows.append((f"sample sd15 {steps} steps cfg 1x4x{s}x{s} -> {8 * s}px {precision}{suffix(args)}",
+                     ours_s * 1e3, ref_s * 1e3, "ms"))
     return rows
 
 
@@ -311,7 +396,8 @@ def bench_load(args):
 
 def print_table(rows):
     head = ("benchmark", "ours", "reference", "unit", "ours/ref")
-    body = [(what, f"{a:.1f}", f"{b:.1f}", unit, f"{a / b:.3f}") for what, a, b, unit in rows]
+    num = lambda v: f"{v:.1f}" if abs(v) >= 10 else f"{v:.4g}"  # noqa: E731
+    body = [(what, num(a), num(b), unit, f"{a / b:.3f}") for what, a, b, unit in rows]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     for r in [head, tuple("-" * w for w in widths), *body]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
@@ -334,8 +420,17 @@ def main():
     parser.add_argument("--sample-size", type=int, default=32,
                         help="latent size for sample (default 32: 256 px, to keep 25 steps short on a CPU)")
     parser.add_argument("--sample-repeat", type=int, default=2, help="timed runs per sample row (default 2)")
+    parser.add_argument("--sample-precision", default="fp32", choices=list(PRECISIONS),
+                        help="precision of the sample rows (default fp32; bf16 is the GPU's)")
+    parser.add_argument("--flops-batch", type=int, default=8, help="batch of the flops benchmark (default 8)")
+    parser.add_argument("--flops-size", type=int, default=64, help="latent size of the flops benchmark (default 64)")
+    parser.add_argument("--matmul-size", type=int,
+                        help="n of the n x n x n bf16 matmul that flops compares with (default 8192 on cuda, 2048 on cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNets, both sides (unet, flops and sample; the warm-up compiles)")
     parser.add_argument("--channels-last", action="store_true",
-                        help="run models and inputs in torch.channels_last memory format (both sides)")
+                        help="run the UNets and their inputs in torch.channels_last memory format (both sides)")
     parser.add_argument("--plain", action="store_true",
                         help="turn off unet.py's CPU inference fast paths (packed conv weights, oneDNN Linear) "
                              "to see what they buy")
@@ -348,6 +443,13 @@ def main():
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHMARKS)}")
     if set(args.precisions) - set(PRECISIONS) or set(args.unets) - set(UNET_CONFIGS):
         parser.error(f"--precisions takes {list(PRECISIONS)}, --unets takes {list(UNET_CONFIGS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device takes cpu or cuda[:N], got {args.device!r}")
+    cuda = args.device.startswith("cuda")
+    args.matmul_size = args.matmul_size or (8192 if cuda else 2048)
+    torch._dynamo.config.cache_size_limit = 64  # --compile: one graph per shape x precision, all kept
 
     import diffusers
     import transformers
@@ -357,8 +459,10 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"python {platform.python_version()}")
-    print(f"device cpu ({platform.processor() or platform.machine()}), threads {torch.get_num_threads()}, "
-          f"best of {args.repeat} after {args.warmup} warm-up, unet.py fast paths {'on' if unet._ONEDNN else 'off'}\n")
+    device = torch.cuda.get_device_name(args.device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    print(f"device {device}, threads {torch.get_num_threads()}, best of {args.repeat} after {args.warmup} warm-up, "
+          f"unet.py CPU fast paths {'on' if unet._ONEDNN else 'off'}{', compiled' if args.compile else ''}"
+          f"{', channels_last' if args.channels_last else ''}\n")
     rows = [row for name in names for row in BENCHMARKS[name](args)]
     print_table(rows)
 

@@ -3,7 +3,9 @@
   - time of a Diff2Flow training step vs a plain diffusion step (the paper: no extra cost; target <= 1.02),
   - peak memory of LoRA vs full fine-tuning (each in a fresh process: on CPU the peak resident memory of the
     training steps (Linux VmHWM, reset after loading), on CUDA the peak allocated memory),
-  - with --checkpointing: gradient checkpointing on vs off, full and LoRA (peak memory and step time).
+  - with --checkpointing: gradient checkpointing on vs off, full and LoRA (peak memory and step time). On the
+    CPU, train.py --grad-checkpointing also returns freed memory to the OS (train.return_freed_memory);
+    the rows show that against plain training, and checkpointing alone (both sides returning memory).
 
 A step is forward + backward + AdamW on random latents and text context: the VAE and text encoder are the
 same for every objective (and cached with train.py --cache), so they are left out.
@@ -22,6 +24,7 @@ import torch
 
 import diff2flow
 import lora
+import train
 from bench import best_of, print_table, random_init
 from unet import PRESETS, UNet
 
@@ -45,11 +48,17 @@ def build(args, lora_preset, ckpt=False):
     return unet, opt, x1, context
 
 
-def step_fn(loss_fn, unet, opt, x1, context, device):
+def step_fn(loss_fn, unet, opt, x1, context, args):
+    """One training step; --bf16: under bf16 autocast (fp32 weights), --compile: through torch.compile."""
+    device = args.device
     abar, g = diff2flow.sd_alphas_cumprod().to(device), torch.Generator(device).manual_seed(0)
+    model = torch.compile(unet) if args.compile else unet
+    amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def step():
-        loss_fn(unet, x1, context, abar, "v", generator=g).backward()
+        with amp:
+            loss = loss_fn(model, x1, context, abar, "v", generator=g)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
@@ -68,13 +77,15 @@ def reset_peak_rss():
         f.write("5")
 
 
-def peak_memory(args, lora_preset, ckpt, queue):
+def peak_memory(args, lora_preset, ckpt, unmap, queue):
     """In a fresh process: (memory with the model loaded, peak over two Diff2Flow training steps (bytes),
-    time of the second step (s))."""
+    time of the second step (s)); unmap: train.return_freed_memory() first (CPU)."""
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    if unmap and not cuda:
+        train.return_freed_memory()
     unet, opt, x1, context = build(args, lora_preset, ckpt)
-    step = step_fn(diff2flow.diff2flow_loss, unet, opt, x1, context, args.device)
+    step = step_fn(diff2flow.diff2flow_loss, unet, opt, x1, context, args)
     base = torch.cuda.memory_allocated() if cuda else rss()
     torch.cuda.reset_peak_memory_stats() if cuda else reset_peak_rss()  # the peak of training, not of loading
     step()  # the first step also allocates AdamW's state
@@ -84,10 +95,10 @@ def peak_memory(args, lora_preset, ckpt, queue):
     queue.put((base, torch.cuda.max_memory_allocated() if cuda else rss("VmHWM"), seconds))
 
 
-def measure(args, lora_preset, ckpt=False):
+def measure(args, lora_preset, ckpt=False, unmap=False):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=peak_memory, args=(args, lora_preset, ckpt, queue))
+    p = ctx.Process(target=peak_memory, args=(args, lora_preset, ckpt, unmap, queue))
     p.start()
     result = queue.get()
     p.join()
@@ -97,8 +108,9 @@ def measure(args, lora_preset, ckpt=False):
 def train_rows(args):
     torch.set_num_threads(args.threads)
     unet, opt, x1, context = build(args, args.lora)
-    shape = f"{args.unet}{f' ch{args.channels}' if args.channels else ''} {args.batch}x4x{args.size}x{args.size}"
-    steps = [step_fn(loss, unet, opt, x1, context, args.device)
+    shape = (f"{args.unet}{f' ch{args.channels}' if args.channels else ''} {args.batch}x4x{args.size}x{args.size}"
+             f"{' bf16' if args.bf16 else ''}{' compiled' if args.compile else ''}")
+    steps = [step_fn(loss, unet, opt, x1, context, args)
              for loss in (diff2flow.diff2flow_loss, diff2flow.diffusion_loss)]
     d2f, dm = best_of(steps, args.repeat, args.warmup)
     del unet, opt
@@ -113,12 +125,21 @@ def train_rows(args):
 
 def checkpointing_rows(args, shape):
     """Gradient checkpointing on vs off, full and LoRA: peak memory and the time of one step (a single
-    timing, the second step of a fresh process; target: peak at least 40% lower at 64x64 latents)."""
-    rows, MiB = [], 2**20
+    timing, the second step of a fresh process; target: peak at least 40% lower at 64x64 latents). On the
+    CPU, "--grad-checkpointing" is what train.py does (checkpointing + return_freed_memory); "ckpt alone"
+    compares with training that returns freed memory too."""
+    rows, MiB, cpu = [], 2**20, not args.device.startswith("cuda")
     for name, preset in [("full", None), (f"LoRA {args.lora}", args.lora)]:
-        (_, on_peak, on_s), (_, off_peak, off_s) = measure(args, preset, True), measure(args, preset, False)
-        rows += [(f"train peak memory {shape} {name}: grad ckpt vs none", on_peak / MiB, off_peak / MiB, "MiB"),
-                 (f"train step {shape} {name}: grad ckpt vs none (1 step)", on_s * 1e3, off_s * 1e3, "ms")]
+        (_, on_peak, on_s), (_, off_peak, off_s) = measure(args, preset, True, cpu), measure(args, preset, False)
+        rows += [(f"train peak memory {shape} {name}: --grad-checkpointing vs none", on_peak / MiB, off_peak / MiB,
+                  "MiB"),
+                 (f"train step {shape} {name}: --grad-checkpointing vs none (1 step)", on_s * 1e3, off_s * 1e3, "ms")]
+        if cpu:
+            _, unmapped_peak, unmapped_s = measure(args, preset, False, True)
+            rows += [(f"train peak memory {shape} {name}: ckpt alone (both return freed memory)", on_peak / MiB,
+                      unmapped_peak / MiB, "MiB"),
+                     (f"train step {shape} {name}: none, returning freed memory vs not (1 step)", unmapped_s * 1e3,
+                      off_s * 1e3, "ms")]
     return rows
 
 
@@ -136,6 +157,8 @@ def main():
     p.add_argument("--checkpointing", action="store_true",
                    help="add rows: gradient checkpointing on vs off (peak memory, step time), full and LoRA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast around fp32 weights (train.py's CUDA default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (the warm-up steps compile)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
           f"best of {args.repeat} after {args.warmup} warm-up; memory: fresh process each\n")

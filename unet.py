@@ -151,10 +151,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):  # x: (B, N, dim); context: (B, M, ctx_dim), None = self-attention
         ctx = x if context is None else context
-        # (B, L, h*d) -> (B, h, L, d), copied: on strided heads the CPU flash kernel is ~10% slower in bf16 at
-        # 4096 tokens (bench.py --only kernels); the copies cost ~1% of that
-        q, k, v = (p.unflatten(-1, (self.heads, -1)).transpose(1, 2).contiguous()
+        q, k, v = (p.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, h*d) -> (B, h, L, d)
                    for p in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
+        if x.device.type == "cpu":  # on strided heads the CPU flash kernel is ~10% slower in bf16 at 4096
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # tokens (bench.py kernels); copies ~1%
         if self.upcast:
             with torch.autocast(x.device.type, enabled=False):  # else autocast would cast straight back down
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
