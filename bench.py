@@ -192,7 +192,6 @@ KERNEL_SHAPES = {  # SD1.5 UNet layers: (conv in_ch, out_ch, latent side, batch)
              (960, 320, 32, 2)],
     "linear": [(8192, 320, 2560), (8192, 1280, 320), (2048, 640, 5120), (512, 1280, 10240)],
     "attention": [(4096, 8, 40), (1024, 8, 80)],  # (tokens, heads, head width): self-attention at 64x64 latents
-    "geglu": [(8192, 320), (2048, 640)],  # (tokens, width): the feed-forward's first half at 64x64 latents, batch 2
 }
 
 
@@ -221,15 +220,6 @@ def bench_kernels(args):
                       precision)
             rows.append((f"attention 2x{heads}x{n}x{d}, contiguous copies vs strided heads {precision}",
                          s[0] * 1e3, s[1] * 1e3, "ms"))
-    for (n, dim) in KERNEL_SHAPES["geglu"]:  # fused vs plain matmul + chunk + gelu + product
-        geglu, x = random_init(unet.GEGLU(dim, 4 * dim)), torch.randn(n, dim)
-
-        def plain():
-            value, gate = torch.nn.Linear.forward(geglu.proj, x).chunk(2, dim=-1)
-            return value * torch.nn.functional.gelu(gate)
-        for precision in args.precisions:
-            s = timed(args, [lambda: geglu(x), plain], precision)
-            rows.append((f"geglu {n}x{dim} -> {4 * dim} {precision}", s[0] * 1e3, s[1] * 1e3, "ms"))
     return rows
 
 

@@ -47,7 +47,7 @@ PRESETS: dict[str, UNetConfig] = {
 # --- CPU inference fast paths (numbers: BENCHMARKS.md, "CPU fast paths in unet.py") -----------------------
 # PyTorch's eager CPU kernels leave speed on the table in two places that dominate the UNet. Both layers below
 # keep nn.Conv2d / nn.Linear's parameters (same keys), switch on only in CPU inference (no autograd recording,
-# not under torch.compile, fp32 or bf16), and otherwise are exactly their base class. GEGLU uses the second.
+# not under torch.compile, fp32 or bf16), and otherwise are exactly their base class.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
@@ -114,19 +114,8 @@ class Linear(_WeightCache, nn.Linear):
         dtype = _onednn_dtype(x)
         if dtype is None:
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *self._weights(dtype), "none", [], "")
-
-    def _weights(self, dtype):
-        return (self.weight, self.bias) if dtype == self.weight.dtype else self._cached(dtype, lambda w: w)
-
-    def geglu(self, x, dtype):
-        """value * gelu(gate) for this Linear's output halves (value, gate), as two half-width oneDNN matmuls
-        with gelu and the product fused in (post-ops): at 64x64 latents 0.61x the time of PyTorch's full-width
-        matmul + chunk + gelu + product in fp32, 0.74x in bf16 (bench.py --only kernels)."""
-        (w_val, w_gate), (b_val, b_gate) = (p.chunk(2) for p in self._weights(dtype))
-        x = x.to(dtype)
-        gate = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")  # "none": erf, as F.gelu
-        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_val, b_val, "mul")
+        w, b = (self.weight, self.bias) if dtype == self.weight.dtype else self._cached(dtype, lambda w: w)
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], "")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -180,9 +169,6 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner * 2)  # value and gate halves in one matmul
 
     def forward(self, x):
-        dtype = _onednn_dtype(x)
-        if dtype is not None and type(self.proj) is Linear:  # not a LoRA-wrapped proj: it adds its own term
-            return self.proj.geglu(x, dtype)
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
