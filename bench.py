@@ -93,13 +93,16 @@ def unet_pair(name: str, ours=None):
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # bf16 = autocast (fp32 weights), on both sides
 
 
+def autocast(args, precision):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(torch.device(args.device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def timed(args, fns, precision, repeat=None, warmup=None):
     """best_of under no_grad and the precision's autocast, on args.device."""
-    dtype, device = PRECISIONS[precision], args.device
-    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype or torch.float32,
-                                         enabled=dtype is not None):
+    with torch.no_grad(), autocast(args, precision):
         return best_of(fns, args.repeat if repeat is None else repeat, args.warmup if warmup is None else warmup,
-                       device)
+                       args.device)
 
 
 def prepare(args, *models):
@@ -114,8 +117,7 @@ def prepare(args, *models):
 
 def peak_memory(args, fn, precision):
     """Peak GPU memory (MiB) allocated by one call of fn beyond what was allocated before it."""
-    with torch.no_grad(), torch.autocast("cuda", dtype=PRECISIONS[precision] or torch.float32,
-                                         enabled=PRECISIONS[precision] is not None):
+    with torch.no_grad(), autocast(args, precision):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -198,9 +200,12 @@ KERNEL_SHAPES = {  # SD1.5 UNet layers: (conv in_ch, out_ch, latent side, batch)
 @benchmark("kernels")
 def bench_kernels(args):
     """unet.py's CPU fast-path layers against the plain nn.Conv2d / nn.Linear on the same weights, one layer
-    at a time (what each fast path buys; the reference column here is PyTorch, not diffusers)."""
+    at a time (what each fast path buys; the reference column here is PyTorch, not diffusers). CPU only: the
+    fast paths are CPU inference paths, so with --device cuda this benchmark has no rows."""
     import unet
     rows = []
+    if args.device != "cpu":
+        return rows
     for (cin, cout, side, batch) in KERNEL_SHAPES["conv"]:
         fast = random_init(unet.Conv2d(cin, cout, 3, padding=1))
         x = torch.randn(batch, cin, side, side)
