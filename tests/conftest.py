@@ -1,8 +1,9 @@
 import os
 import sys
 
-# Tests import the flat top-level modules (unet.py, sd.py, ...) from the repository root.
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+# Tests import the flat modules of the repository root (unet.py, sd.py, ...), toy/ and bench/.
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "toy"), os.path.join(ROOT, "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

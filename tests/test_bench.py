@@ -23,7 +23,7 @@ def test_flops_benchmark_runs_and_counts_the_whole_unet():
     # SD1.5's UNet on a 64x64 latent (512 px) is ~0.8 TFLOP (multiply-add = 2 FLOPs): convolutions, linears
     # and attention are all counted
     assert 0.75e12 < unet_flops(64) < 0.85e12
-    out = subprocess.run([sys.executable, "bench.py", "--only", "flops", "--unets", "sd15", "--flops-batch", "1",
+    out = subprocess.run([sys.executable, os.path.join("bench", "bench.py"), "--only", "flops", "--unets", "sd15", "--flops-batch", "1",
                           "--flops-size", "8", "--matmul-size", "256", "--repeat", "1", "--warmup", "0",
                           "--threads", "1"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     row = next(line for line in out.splitlines() if line.startswith("unet sd15 fwd 1x4x8x8 bf16"))

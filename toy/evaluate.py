@@ -24,6 +24,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
+
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import default_collate
@@ -34,7 +37,7 @@ import sd
 import synth
 import train
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 OBJECTIVES = ("diffusion", "fm", "diff2flow")
 NAMES = {"diffusion": "diffusion", "fm": "naive FM", "diff2flow": "Diff2Flow"}
 

@@ -20,6 +20,10 @@ import argparse
 import dataclasses
 import multiprocessing as mp
 import time
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
+
 import torch
 
 import diff2flow

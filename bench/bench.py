@@ -13,6 +13,10 @@ import argparse
 import platform
 import time
 
+import os
+import sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
+
 import torch
 
 BENCHMARKS = {}  # name -> fn(args) -> list of (what, ours, reference, unit)
