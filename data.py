@@ -1,4 +1,5 @@
-"""Image + caption folders for train.py, and the deterministic, resumable order it reads them in.
+"""Training data: the micro-batch interface every task feeds train.py (TaskData), the deterministic, resumable
+order items are read in, and the text-to-image task's image + caption folders.
 
 Two layouts, as in the Hugging Face `imagefolder` convention:
     data/cat.png + data/cat.txt           a caption file beside each image (same name, .txt)
@@ -8,13 +9,25 @@ Every image is converted to RGB (transparency onto white), its shorter side resi
 and center-cropped to a square, then scaled to [-1, 1] as the VAE expects.
 """
 import functools
+import itertools
 import json
 import os
+import subprocess
+import sys
 import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+from tqdm import tqdm
+
+import diff2flow
+from common import atomic_path, open_rgb, rgb_array, written_once
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+N_DEMO = 4096  # items of the demo data: toy/synth.py / toy/scenes.py items 0..n-1 of their training streams
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -66,19 +79,10 @@ def read_metadata_jsonl(path):
     return images, captions
 
 
-def _open(path, resolution):
-    """Image.open + draft: a JPEG is decoded directly at the smallest 1/2, 1/4, 1/8 scale that still
-    covers resolution x resolution, several times faster for large photos."""
-    im = Image.open(path)
-    im.draft("RGB", (resolution, resolution))
-    return im
-
-
 def _unreadable(path, resolution):
     """Why an image cannot be used, or None. It decodes the pixels: headers alone miss truncated files."""
     try:
-        with _open(path, resolution) as im:
-            im.load()
+        open_rgb(path, (resolution, resolution))
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
         return f"{type(e).__name__}: {e}"
     return None
@@ -86,16 +90,14 @@ def _unreadable(path, resolution):
 
 def load_image(path, resolution):
     """File -> (3, resolution, resolution) float32 in [-1, 1]: RGB, shorter side resized, center crop."""
-    with _open(path, resolution) as im:
-        im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-        if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent pixels' colour is arbitrary: use white
-            im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-        im = im.convert("RGB")
+    im = open_rgb(path, (resolution, resolution))
     scale = resolution / min(im.size)
     w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
     im = im.resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - resolution) // 2, (h - resolution) // 2
     im = im.crop((left, top, left + resolution, top + resolution))
+    if im.mode == "F":  # 16-bit grey: keep its precision
+        return torch.from_numpy(rgb_array(im)).permute(2, 0, 1).float() * 2 - 1
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     return x.float() / 127.5 - 1
 
@@ -105,8 +107,8 @@ class FolderDataset(torch.utils.data.Dataset):
     naming them; if half or more are unreadable the data is wrong, not noisy, and it is an error."""
 
     def __init__(self, path, resolution):
-        if resolution < 8 or resolution % 8:
-            raise DataError(f"resolution {resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+        if resolution < 1:  # what the model needs (a multiple of its downsampling) train.py checks
+            raise DataError(f"resolution {resolution} must be >= 1")
         path = os.fspath(path)
         if path.endswith(".jsonl") and os.path.isfile(path):
             images, captions = read_metadata_jsonl(path)
@@ -153,3 +155,170 @@ def stream_indices(n, seed, start, count):
         epoch, offset = divmod(start + len(out), n)
         out += epoch_order(n, seed, epoch)[offset:offset + count - len(out)]
     return out
+
+
+def batch_indices(cfg, n, position, rank, world):
+    """Dataset indices of this process's micro-batches, from stream position `position` on. Each step takes
+    the next G = grad_accum x world x batch_size positions, laid out as [micro-step][rank][item]: so the same
+    global batch spread over fewer or more processes sees the same items per step."""
+    G = cfg.batch_size * cfg.grad_accum * world
+    for pos in itertools.count(position, G):
+        idx = stream_indices(n, cfg.seed, pos, G)
+        for m in range(cfg.grad_accum):
+            start = (m * world + rank) * cfg.batch_size
+            yield idx[start:start + cfg.batch_size]
+
+
+# ----------------------------------------------------------------------------- the interface of tasks
+
+@dataclass
+class Env:
+    """Where a task runs: the device, the autocast context (a callable), and this process's place in DDP."""
+    device: str
+    amp: Callable
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+@dataclass
+class TaskData:
+    """What a task feeds train.py: `n` items and `batches(position)` -> this process's endless micro-batches
+    from a stream position (samples consumed so far: the whole resume state), as dicts on the device:
+    "x1" (target latents (B, C, h, w)), "context" (text embeddings (B, 77, width)), optionally "noise" (a fixed
+    FM x_0 per item, e.g. reflow pairs) and "cond" (latents concatenated to the UNet input along channels, e.g.
+    depth's image latent). Items are read as they are needed, so a task can stream from disk."""
+    n: int
+    batches: Callable[[int], Iterator[dict]]
+    prompts: list  # what the sample grids show (the first one is suggested to try)
+    grid: Callable  # (unet, objective, path) -> writes the sample grid PNG (fixed inputs and noise)
+    what: str = "images"
+    meta: dict = field(default_factory=dict)  # final.safetensors metadata over the base's (reflow: steps=4, cfg=1)
+
+
+def draw(cfg, objective, step, n, shape, T, device):
+    """Noise, timesteps and caption-dropout flags of the whole global step (n items) from a generator seeded
+    with (seed, step): every process draws the same numbers and keeps its slice, so N processes see what one
+    process with the same global batch sees, and a resumed run redraws exactly what it would have."""
+    g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
+    noise = torch.randn((n, *shape), generator=g, device=device)
+    if objective == "diffusion":  # integer timesteps, as SD was trained (diffusion_loss's own default)
+        t = (torch.rand(n, generator=g, device=device, dtype=torch.float64) * T).floor().clamp(max=T - 1)
+    else:
+        t = diff2flow.sample_fm_time(n, cfg.t_sampling, g, device)
+    return noise, t, torch.rand(n, generator=g, device=device) < cfg.caption_dropout
+
+
+@torch.no_grad()
+def sample_grid(bundle, unet, objective, context, uncond, noise, path, amp, steps=25, cfg=7.5):
+    """One row of images for the fixed prompts and noise, saved atomically as PNG."""
+    model = diff2flow.velocity_model(unet, bundle.alphas_cumprod, bundle.prediction, objective)
+    unet.eval()
+    with amp():
+        z = diff2flow.sample_euler(model, noise, steps, context, uncond, cfg)
+        images = bundle.vae.decode(z.to(next(bundle.vae.parameters()).dtype)).float()
+    unet.train()
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # (N, 3, H, W)
+    grid = images.permute(2, 0, 3, 1).flatten(1, 2)  # (H, N*W, 3): the images side by side
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.numpy()).save(tmp)
+
+
+def text_grid(cfg, bundle, env, prompts, steps=25, scale=7.5):
+    """A text-to-image task's grid: the prompts (--sample-prompts, else `prompts`), noise from --seed.
+    Returns (the prompts, grid(unet, objective, path))."""
+    if cfg.sample_prompts:
+        with open(cfg.sample_prompts, encoding="utf-8") as fp:
+            prompts = [line.strip() for line in fp if line.strip()]
+        if not prompts:
+            raise DataError(f"--sample-prompts {cfg.sample_prompts}: no prompts in it (one per line)")
+    f = bundle.vae.downsample
+    shape = (bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f)
+    noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed)).to(env.device)
+    context, empty = bundle.encode_prompt(prompts).float(), bundle.encode_prompt([""]).float()
+    return prompts, lambda unet, objective, path: sample_grid(bundle, unet, objective, context, empty, noise, path,
+                                                              env.amp, steps, scale)
+
+
+def demo(spec, resolution):
+    """--data / --prompts of the demo presets ("demo:shapes", "demo:scenes", "demo:prompts") -> (the path under
+    runs/data/, make() writing it once with the toy's writer, the program that owns that data); else (spec, None)."""
+    kind = spec.removeprefix("demo:") if spec and spec.startswith("demo:") else None
+    if kind is None:
+        return spec, None
+    if kind == "prompts":  # synth.py captions, shortened at random as the prior's training captions were
+        folder = os.path.join(ROOT, "runs", "data", f"prompts-seed0-n{N_DEMO}")
+        path, args = os.path.join(folder, "prompts.txt"), ["synth.py", "--prompts", "PATH", "--n", N_DEMO]
+    else:
+        folder = path = os.path.join(ROOT, "runs", "data", f"{kind}-{resolution}px-seed0-n{N_DEMO}")
+        args = ["synth.py" if kind == "shapes" else "scenes.py", "--out", "PATH", "--n", N_DEMO, "--size", resolution]
+    cmd = [sys.executable, os.path.join(ROOT, "toy", args[0])] + [path if a == "PATH" else str(a) for a in args[1:]]
+
+    def make():
+        print(f"making the demo data once: {os.path.relpath(folder)} ({' '.join(cmd[1:])})")
+        written_once(folder, lambda p: (os.makedirs(p, exist_ok=True), subprocess.run(
+            cmd + ["--seed", "0"], check=True, stdout=subprocess.DEVNULL)))
+    return path, make
+
+
+# ----------------------------------------------------------------------------- --task t2i
+
+@torch.no_grad()
+def encode(bundle, images, captions, amp):
+    """Images (B, 3, R, R) in [-1, 1] -> latent means (B, 4, R/f, R/f); captions -> context (B, 77, width)."""
+    with amp():
+        return bundle.vae.encode(images).float(), bundle.encode_prompt(list(captions)).float()
+
+
+def build_cache(cfg, ds, bundle, env):
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    lat, ctx = [], []
+    for images, captions in tqdm(loader, desc="caching latents and text", dynamic_ncols=True):
+        z, c = encode(bundle, images.to(env.device), captions, env.amp)
+        lat.append(z.cpu())
+        ctx.append(c.cpu())
+    return torch.cat(lat), torch.cat(ctx)
+
+
+def cached_data(cfg, ds, bundle, env):
+    """--cache: rank 0 encodes the data once into --out/cache.pt (reused while data and model are unchanged)."""
+    path = os.path.join(cfg.out, "cache.pt")
+    mtime = os.path.getmtime(cfg.ckpt) if os.path.exists(cfg.ckpt) else 0.0
+    key = {"files": ds.files, "captions": ds.captions, "resolution": cfg.resolution, "ckpt": cfg.ckpt, "mtime": mtime}
+    if env.master:
+        cache = torch.load(path, weights_only=True) if os.path.exists(path) else None
+        if cache is None or cache["key"] != key:
+            latents, context = build_cache(cfg, ds, bundle, env)
+            cache = {"key": key, "latents": latents, "context": context}
+            with atomic_path(path) as tmp:
+                torch.save(cache, tmp)
+    if env.world > 1:
+        torch.distributed.barrier()
+        if not env.master:
+            cache = torch.load(path, weights_only=True)
+    return cache["latents"], cache["context"]
+
+
+def t2i_task(cfg, bundle, env):
+    """--task t2i: images + captions from --data (FolderDataset), decoded by workers per micro-batch, or with
+    --cache encoded once (latent means and text embeddings) and then only indexed."""
+    ds = FolderDataset(cfg.data, cfg.resolution)
+    cache = cached_data(cfg, ds, bundle, env) if cfg.cache else None
+
+    def batches(position):
+        indices = batch_indices(cfg, len(ds), position, env.rank, env.world)
+        if cache is not None:
+            for idx in map(torch.tensor, indices):
+                yield {"x1": cache[0][idx].to(env.device), "context": cache[1][idx].to(env.device)}
+            return
+        # generator=: the loader must not draw from the global RNG, whose state --resume restores
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=cfg.workers,
+                                             generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
+        for images, captions in loader:
+            x1, context = encode(bundle, images.to(env.device, non_blocking=True), captions, env.amp)
+            yield {"x1": x1, "context": context}
+    prompts, grid = text_grid(cfg, bundle, env, list(dict.fromkeys(ds.captions))[:4])
+    return TaskData(len(ds), batches, prompts, grid)

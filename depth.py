@@ -37,7 +37,7 @@ Hypersim: render the tone-mapped `scene_cam_XX_final_preview/frame.IIII.tonemap.
 rgb/ from `frames/rgb/Camera_0/rgb_IIIII.jpg`, depth/ from `frames/depth/Camera_0/depth_IIIII.png`, which is
 already 16-bit but in CENTIMETRES: multiply by 10, and mark the sky (655.35 m) invalid (0) or in mask/.
 
-Evaluation (depth_metrics, `python evaluate.py depth`): Marigold's protocol: valid = gt valid and inside the
+Evaluation (depth_metrics, `python toy/evaluate.py depth`): Marigold's protocol: valid = gt valid and inside the
 dataset's [min, max] depth; the prediction is aligned by least squares (scale and shift) on the valid
 pixels -- in log depth, the space our model is affine-invariant in (scale and shift in depth space, as for
 Marigold's affine-invariant depth, is reported beside it: depth_abs_rel, depth_delta1) --, converted to depth,
@@ -45,17 +45,19 @@ clipped to [min, max]; then AbsRel, delta1..3 and RMSE per image, averaged over 
 """
 import argparse
 import os
-import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 import diff2flow
 import sd
+from common import DefaultsOnce, atomic_path, fail, one_line_warnings, open_rgb, rgb_array, usage_error
+from data import TaskData, batch_indices
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
@@ -216,18 +218,9 @@ def mean_metrics(rows):
 # ----------------------------------------------------------------------------- files
 
 def read_image(path):
-    """Any PNG/JPEG (RGB, RGBA onto white, grey, 16-bit grey, palette) -> (3, H, W) float32 in [-1, 1]."""
+    """Any image file (RGB, RGBA onto white, grey, 16-bit grey, palette) -> (3, H, W) float32 in [-1, 1]."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit (or 32-bit) grey: scale by its range
-                a = np.asarray(im, dtype=np.float64)
-                a = a / (65535.0 if a.max() > 255 else 255.0)
-                a = np.repeat(a[..., None], 3, 2)
-            else:
-                if im.mode in ("RGBA", "LA", "P", "PA"):
-                    im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-                a = np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
+        a = rgb_array(open_rgb(path))
     except (OSError, SyntaxError, ValueError) as e:
         raise DepthError(f"{path}: cannot read it as an image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(a.clip(0, 1)).permute(2, 0, 1).float() * 2 - 1
@@ -307,7 +300,7 @@ def square(x, resolution, mode):
 @torch.no_grad()
 def encode_pairs(bundle, ds, resolution, batch=64):
     """Every pair at resolution x resolution -> depth latents x1 (N, 4, r, r) and image latents (N, 4, r, r),
-    on the CPU (train.py --task depth encodes its data once: it is small)."""
+    on the CPU (--task depth encodes its data once: the demo's is small)."""
     x1, cond = [], []
     for start in tqdm(range(0, len(ds), batch), desc="encoding depth pairs", dynamic_ncols=True):
         items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
@@ -320,130 +313,27 @@ def encode_pairs(bundle, ds, resolution, batch=64):
     return torch.cat(x1), torch.cat(cond)
 
 
-# ----------------------------------------------------------------------------- evaluation
+def task(cfg, bundle, env):
+    """--task depth: (image, depth) pairs from --data (PairDataset), encoded once: x1 = the depth latent,
+    cond = the image latent, context = the empty prompt. The prior's UNet gets its first conv widened to take
+    both (expand_first_conv); a depth model given as --ckpt is trained on as it is."""
+    ucfg = bundle.unet.cfg
+    if ucfg.in_channels == ucfg.out_channels:
+        expand_first_conv(bundle.unet)
+    check_depth_model(bundle, cfg.ckpt)
+    ds = PairDataset(cfg.data)
+    with env.amp():
+        x1, cond = encode_pairs(bundle, ds, cfg.resolution)
+    empty = bundle.encode_prompt([""]).float().to(env.device)  # (1, 77, width), the only text
 
-def evaluate(bundle, ds, steps, ensemble, seed=0, res=None, drange=DEPTH_RANGES["scenes"], n=None):
-    """Metrics of predict(bundle, ., steps, ensemble) over the first n pairs of ds, averaged per image: AbsRel,
-    delta1..3, RMSE aligned in log depth, plus depth-space-aligned AbsRel and delta1 ("depth_" keys), and the
-    seconds per image (model call, this machine). Image i uses noise seed + i."""
-    context, rows, seconds = bundle.encode_prompt([""]), [], 0.0
-    for i in tqdm(range(min(n or len(ds), len(ds))), desc=f"{bundle.name} steps {steps} ens {ensemble}",
-                  dynamic_ncols=True, leave=False):
-        image, gt, valid = ds[i]
-        t0 = time.perf_counter()
-        y, _ = predict(bundle, image, steps, ensemble, seed + i, res, context)
-        seconds += time.perf_counter() - t0
-        rows.append(image_metrics(y, gt, valid, drange))
-    return {**mean_metrics(rows), "sec_per_image": seconds / len(rows), "n": len(rows)}
+    def batches(position):
+        for idx in map(torch.tensor, batch_indices(cfg, len(ds), position, env.rank, env.world)):
+            yield {"x1": x1[idx].to(env.device), "cond": cond[idx].to(env.device),
+                   "context": empty.expand(len(idx), -1, -1)}
 
-
-def image_metrics(y, gt, valid, drange):
-    m = depth_metrics(y, gt, valid, *drange, align="log")
-    d = depth_metrics(y, gt, valid, *drange, align="depth")
-    return {**m, "depth_abs_rel": d["abs_rel"], "depth_delta1": d["delta1"]}
-
-
-@torch.no_grad()
-def vae_floor(bundle, ds, res, drange=DEPTH_RANGES["scenes"], n=None):
-    """The best any prediction through this VAE can do: decode(encode(normalised ground truth)), at the
-    processing resolution and back, scored like a prediction."""
-    rows = []
-    for i in range(min(n or len(ds), len(ds))):
-        image, gt, valid = ds[i]
-        H, W = gt.shape
-        h, w = processing_size(H, W, res, size_multiple(bundle))
-        d = F.interpolate(gt[None, None], (h, w), mode="nearest")
-        v = F.interpolate(valid[None, None].float(), (h, w), mode="nearest") > 0.5
-        y = decode_depth(bundle.vae, encode_depth(bundle.vae, normalize_depth(d, v).to(next(bundle.vae.parameters()).device)))
-        y = F.interpolate(y.cpu(), (H, W), mode="bilinear", align_corners=False)[0, 0]
-        rows.append(image_metrics(y, gt, valid, drange))
-    return mean_metrics(rows)
-
-
-def heldout_scenes(size=64, n=128):
-    """The held-out test scenes (scenes.TEST_SEED, never trained on), written once to runs/data/."""
-    import scenes
-    path = os.path.join(ROOT, "runs", "data", f"scenes-{size}px-seed{scenes.TEST_SEED}-n{n}")
-    if not os.path.exists(os.path.join(path, "done")):
-        scenes.write_pairs(path, n, size, scenes.TEST_SEED)
-        open(os.path.join(path, "done"), "w").close()
-    return path
-
-
-def mean_depth_map(ds, res):
-    """The dataset's prior: the pixelwise mean of the pairs' normalised log depth at res x res, (res, res)."""
-    total = torch.zeros(res, res)
-    for i in tqdm(range(len(ds)), desc="mean depth map", dynamic_ncols=True, leave=False):
-        _, d, v = ds[i]
-        total += normalize_depth(square(d[None], res, "nearest")[None], square(v[None], res, "nearest")[None] > 0.5)[0, 0]
-    return total / len(ds)
-
-
-def evaluate_constant(y, ds, drange, n=None):
-    """Metrics of one fixed prediction y (h, w) for every pair, resized to each: a baseline that ignores the image."""
-    rows = [image_metrics(F.interpolate(y[None, None], gt.shape, mode="bilinear", align_corners=False)[0, 0], gt,
-                          valid, drange) for _, gt, valid in (ds[i] for i in range(min(n or len(ds), len(ds))))]
-    return mean_metrics(rows)
-
-
-def evaluate_models(ckpts, data, steps=(1, 2, 4, 10), ensembles=(1, 4), n=None, drange=DEPTH_RANGES["scenes"],
-                    res=None, seed=0, baseline=None):
-    """Every model x steps x ensemble on the pair folder `data` (+ each VAE's floor, + with `baseline`, a pair
-    folder of training data, its mean depth map as a prediction) -> list of result rows."""
-    ds, rows = PairDataset(data), []
-    if baseline:
-        mean = mean_depth_map(PairDataset(baseline), res or 64)
-        rows.append({"model": os.path.basename(os.path.normpath(baseline)), "objective": "mean depth map",
-                     "steps": 0, "ensemble": 0, **evaluate_constant(mean, ds, drange, n), "sec_per_image": 0.0})
-    for ckpt in ckpts:
-        bundle = load_model(ckpt)
-        r = res or int(bundle.meta.get("resolution", 64))
-        rows.append({"model": bundle.name, "objective": "VAE floor", "steps": 0, "ensemble": 0,
-                     **vae_floor(bundle, ds, r, drange, n), "sec_per_image": 0.0})
-        for s in steps:
-            for e in ensembles:
-                m = evaluate(bundle, ds, s, e, seed, r, drange, n)
-                rows.append({"model": bundle.name, "objective": bundle.objective, "steps": s, "ensemble": e, **m})
-                print(markdown_table(rows[-1:], header=False))
-    return rows
-
-
-def markdown_table(rows, header=True):
-    head = ("| model | objective | steps | ensemble | AbsRel | delta1 | delta2 | delta3 | RMSE (m) | "
-            "AbsRel / delta1, depth-space alignment | s / image |\n|" + "---|" * 11 + "\n")
-    lines = [f"| {r['model']} | {r['objective']} | {r['steps'] or '-'} | {r['ensemble'] or '-'} | "
-             f"{r['abs_rel']:.4f} | {r['delta1']:.4f} | {r['delta2']:.4f} | {r['delta3']:.4f} | {r['rmse']:.3f} | "
-             f"{r['depth_abs_rel']:.4f} / {r['depth_delta1']:.4f} | {r['sec_per_image']:.3f} |" for r in rows]
-    return (head if header else "") + "\n".join(lines)
-
-
-def results_section(rows, command, data):
-    """RESULTS.md's depth section: AbsRel and delta1 by objective x ensemble (columns: steps), the VAE floor,
-    the time per image, and which objective wins at each step count."""
-    models = [r for r in rows if r["steps"]]
-    steps, ens = sorted({r["steps"] for r in models}), sorted({r["ensemble"] for r in models})
-    get = {(r["objective"], r["steps"], r["ensemble"]): r for r in models}
-    objectives = list(dict.fromkeys(r["objective"] for r in models))
-    cells = lambda r, key: " | ".join(f"{r(s)[key]:.4f}" for s in steps)  # one row's values at every step count
-    out = [f"`{command}`: {models[0]['n']} pairs of {os.path.relpath(data, ROOT)}, per-image metrics "
-           "after least-squares scale-and-shift alignment in log depth, clipped to the depth range; "
-           "time per image on this machine, 1 CPU thread.", "",
-           "| objective | ensemble | " + " | ".join(f"AbsRel @{s}" for s in steps) + " | "
-           + " | ".join(f"delta1 @{s}" for s in steps) + " | s / image @" + str(steps[-1]) + " |",
-           "|" + "---|" * (3 + 2 * len(steps))]
-    for o in objectives:
-        for e in ens:
-            at = lambda s: get[(o, s, e)]
-            out.append(f"| {o} | {e} | {cells(at, 'abs_rel')} | {cells(at, 'delta1')} | "
-                       f"{at(steps[-1])['sec_per_image']:.3f} |")
-    for r in {r["objective"]: r for r in rows if not r["steps"]}.values():  # the models share the prior's VAE
-        out.append(f"| {r['objective']} | - | {cells(lambda s: r, 'abs_rel')} | {cells(lambda s: r, 'delta1')} | - |")
-    out.append("")
-    for e in ens:
-        wins = [min(objectives, key=lambda o: get[(o, s, e)]["abs_rel"]) for s in steps]
-        out.append(f"- ensemble {e}: lowest AbsRel at " + ", ".join(f"{s} step{'s' * (s > 1)}: {w}"
-                                                                      for s, w in zip(steps, wins)) + ".")
-    return "\n".join(out)
+    def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
+        sample_grid(bundle, unet, objective, x1[:4].to(env.device), cond[:4].to(env.device), empty, path, env.amp)
+    return TaskData(len(ds), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4))
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -461,9 +351,8 @@ def save_png(array, path, info=None):
     png = PngInfo()
     for k, v in (info or {}).items():
         png.add_text(k, str(v))
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(array).save(tmp, pnginfo=png)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, pnginfo=png)
 
 
 def write_outputs(out, stem, y, spread, info, uncertainty):
@@ -472,9 +361,8 @@ def write_outputs(out, stem, y, spread, info, uncertainty):
     paths = [os.path.join(out, f"{stem}_depth{s}") for s in (".png", "16.png", ".npy")]
     save_png(colorize(r), paths[0], info)
     save_png(np.round(r * 65535).astype(np.uint16), paths[1], info)
-    tmp = paths[2] + f".tmp{os.getpid()}.npy"
-    np.save(tmp, r)
-    os.replace(tmp, paths[2])
+    with atomic_path(paths[2]) as tmp:
+        np.save(tmp, r)
     if uncertainty:  # the ensemble's std in units of r on a grey ramp: 0 black, UNCERTAINTY_WHITE and up white
         u = (spread.numpy() / 2 / UNCERTAINTY_WHITE).clip(0, 1)
         paths.append(os.path.join(out, f"{stem}_uncertainty.png"))
@@ -502,15 +390,11 @@ def sample_grid(bundle, unet, objective, x1, cond, context, path, amp, steps=4):
 
 # ----------------------------------------------------------------------------- command line
 
-def fail(msg):
-    raise SystemExit(f"depth.py: error: {msg}")
-
-
 def load_model(ckpt, device="cpu"):
     """A depth checkpoint (default: the bundled demo) -> SD bundle; one-line errors."""
     if not ckpt and not os.path.exists(DEMO):
         fail(f"no --ckpt given and the demo {os.path.relpath(DEMO)} is missing; pass --ckpt with a model from "
-             "train.py --task depth (or make the demo: scripts/make_depth_demo.sh)")
+             "train.py --task depth (or make the demo: toy/make_depth_demo.sh)")
     try:
         bundle = sd.load(ckpt or DEMO, device=device)
         check_depth_model(bundle, ckpt or DEMO)
@@ -527,7 +411,7 @@ def list_inputs(paths):
         if os.path.isdir(p):
             found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
             if not found:
-                print(f"depth.py: warning: {p}: no images ({' '.join(IMAGE_EXTS)}) in this folder")
+                warnings.warn(f"{p}: no images ({' '.join(IMAGE_EXTS)}) in this folder")
             out += found
         else:
             out.append(p)
@@ -535,9 +419,7 @@ def list_inputs(paths):
 
 
 def build_parser():
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsOnce)
     p.add_argument("inputs", nargs="+", help="images (PNG/JPEG, RGB/RGBA/grey/16-bit) or folders of images")
     p.add_argument("--ckpt", help="a depth model from train.py --task depth (default: the bundled tiny demo)")
     p.add_argument("--steps", type=int, default=10, help="Euler steps per prediction")
@@ -556,14 +438,15 @@ def build_parser():
 def check_args(a):
     for name in ("steps", "ensemble"):
         if getattr(a, name) < 1:
-            fail(f"--{name} must be >= 1, got {getattr(a, name)}")
+            usage_error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.processing_res is not None and a.processing_res < 16:
-        fail(f"--processing-res must be >= 16, got {a.processing_res}")
+        usage_error(f"--processing-res must be >= 16, got {a.processing_res}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {a.device}: CUDA is not available here; use --device cpu")
+        usage_error(f"--device {a.device}: CUDA is not available here; use --device cpu")
 
 
 def main(argv=None):
+    one_line_warnings()
     a = build_parser().parse_args(argv)
     check_args(a)
     torch.set_num_threads(a.threads or (1 if a.device == "cpu" else torch.get_num_threads()))

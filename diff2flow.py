@@ -22,6 +22,8 @@ the SD schedule; [0, 0.9716595] with zero terminal SNR ([f_t(T-2), ...] = [0.000
 model there, see max_dm_time). FlowModel defines and documents v outside; samplers integrate all
 of [0, 1], from pure noise at t = 0 to data at t = 1.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -315,6 +317,12 @@ def diff2flow_loss(unet, x1, context, alphas_cumprod, prediction, noise=None, t=
 
 
 # ------------------------------------------------------------------------------------- sampling
+
+
+# objective name (as checkpoints record it) -> loss(unet, x1, context, alphas_cumprod, prediction, noise, t)
+LOSSES = {"diffusion": diffusion_loss, "diff2flow": diff2flow_loss,
+          "fm": functools.partial(naive_fm_loss, time="fm"),
+          "fm_dm_direction": functools.partial(naive_fm_loss, time="dm_direction")}
 
 
 def shift_time(t, shift: float = 1.0):

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -58,6 +58,21 @@ PRESETS: dict[str, LoRAConfig] = {
     "base": LoRAConfig(rank=0.2, targets=("conv", "proj", "attn1", "attn2")),
     "small": LoRAConfig(rank=64, targets=("conv", "attn1", "attn2", "proj", "ff")),  # 61.5M (paper: 62M)
 }
+
+
+def parse_spec(spec: str) -> LoRAConfig:
+    """train.py's --lora: a preset name, a rank (64) or a fraction (0.2) of each layer's width. ValueError
+    with a one-line message otherwise."""
+    if spec in PRESETS:
+        return replace(PRESETS[spec])
+    try:
+        rank = float(spec)
+    except ValueError:
+        raise ValueError(f"unknown --lora {spec!r}: use a preset ({', '.join(PRESETS)}), a rank (e.g. 64) or a "
+                         "fraction (e.g. 0.2)") from None
+    if not (0 < rank < 1 or rank == int(rank) >= 1):
+        raise ValueError(f"--lora {spec}: a rank must be an integer >= 1, a fraction must lie in (0, 1)")
+    return LoRAConfig(rank=int(rank) if rank >= 1 else rank)
 
 
 def lora_rank(rank: float, fan_in: int, fan_out: int) -> int:

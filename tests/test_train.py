@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import diff2flow
 import lora
 import sample
@@ -227,7 +228,8 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--resolution", "36"], "--resolution 36 must be a positive multiple of 8"),
+    (["--resolution", "4"], "--resolution must be >= 8, got 4"),
+    (["--resolution", "36"], "--resolution 36 must be a multiple of 16 for this model (VAE factor 4 x UNet"),
     (["--resolution", "40"], "--resolution 40 must be a multiple of 16 for this model"),
     (["--lora", "huge"], "unknown --lora 'huge': use a preset (base, small)"),
     (["--lora", "1.5"], "a rank must be an integer >= 1"),
@@ -238,7 +240,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatc
 def test_clear_errors(tiny, tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
         train.main(args(tiny, tmp_path, *extra))
-    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(os.path.exists(train.DEMO_PRIOR), reason="the demo prior exists: it is the default --ckpt")
@@ -257,7 +259,7 @@ def test_resume_refuses_other_settings_and_fresh_run_refuses_to_overwrite(tiny, 
 
 def test_batch_layout_splits_the_global_batch():
     """Step s of 2 processes x 2 micro-steps x 2 items = step s of 1 process x 8 items, as [micro][rank][item]."""
-    one = train.batch_indices(train.TrainConfig(batch_size=8, seed=1), 5, 3, 0, 1)
-    two = [train.batch_indices(train.TrainConfig(batch_size=2, grad_accum=2, seed=1), 5, 3, r, 2) for r in range(2)]
+    one = data.batch_indices(train.TrainConfig(batch_size=8, seed=1), 5, 3, 0, 1)
+    two = [data.batch_indices(train.TrainConfig(batch_size=2, grad_accum=2, seed=1), 5, 3, r, 2) for r in range(2)]
     for _ in range(2):  # steps 3 and 4
         assert next(one) == [i for _ in range(2) for g in two for i in next(g)]
