@@ -300,7 +300,8 @@ def test_train_depth_lora_and_fm_models_load_as_depth_models(pairs, tmp_path):
 def test_train_depth_defaults_and_errors(tmp_path):
     import train
     cfg = train.parse_args(["--task", "depth", "--data", str(tmp_path)])
-    train.fill_defaults(cfg)
+    train.check_config(cfg)
+    assert (cfg.preset, cfg.ckpt) == ("depth-demo", train.DEMO_PRIOR)
     assert (cfg.resolution, cfg.batch_size, cfg.out, cfg.caption_dropout) == (64, 32, "runs/depth", 0.0)
     with pytest.raises(SystemExit, match="not a pair folder"):
         tiny_depth_run(str(tmp_path), tmp_path / "o", "--steps", "1")

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import data
 import diff2flow
 import reflow
 import sample
@@ -30,6 +31,7 @@ def teacher(tmp_path_factory):
 
 
 def make(teacher, folder, n, rank=0, world=1, prompts=None, **kw):
+    prompts = prompts or os.path.join(os.path.dirname(teacher), "prompts.txt")  # the fixture's
     bundle = sd.load(teacher)
     spec, plist = reflow.pair_spec(bundle, teacher, prompts, kw.pop("steps", 2), kw.pop("cfg", None), 0, 2, 32)
     return reflow.generate_pairs(bundle, str(folder), spec, n, plist, rank, world, progress=False)
@@ -40,7 +42,7 @@ def test_pairs_are_the_guided_teachers_ode(teacher, tmp_path):
     make(path, tmp_path, 3, prompts=prompts)
     p = reflow.load_pairs(str(tmp_path), 3)
     assert p.noise.shape == p.x1.shape == (3, 4, 8, 8) and len(p) == 3
-    assert set(p.prompts) <= {"a red circle", "a blue square", "a green star"}
+    assert p.prompts == ["a red circle", "a blue square", "a green star"]  # the file's lines in order
     b = sd.load(path)
     model = diff2flow.velocity_model(b.unet, b.alphas_cumprod, b.prediction, b.objective)
     with torch.no_grad():  # cfg: the teacher's metadata (3.0), not the 7.5 fallback
@@ -72,19 +74,26 @@ def test_other_settings_in_the_same_folder_are_an_error(teacher, tmp_path):
     make(path, tmp_path, 2)
     with pytest.raises(SystemExit, match="cfg 3.0 .now 5.0."):
         make(path, tmp_path, 2, cfg=5.0)
-    with pytest.raises(SystemExit, match="prompts 'synth'"):
-        make(path, tmp_path, 2, prompts=prompts)
+    other = tmp_path / "other.txt"
+    other.write_text("a yellow heart\n")
+    with pytest.raises(SystemExit, match="prompts 'sha256:[0-9a-f]{16}' .now 'sha256:[0-9a-f]{16}'."):
+        make(path, tmp_path, 2, prompts=str(other))
     with pytest.raises(SystemExit, match="00001.safetensors is missing"):
         reflow.load_pairs(str(tmp_path), 5)
+    # a folder of an earlier version, whose prompts were drawn at random, is not continued in order
+    spec = json.load(open(tmp_path / "pairs.json"))
+    del spec["prompt_use"]
+    json.dump(spec, open(tmp_path / "pairs.json", "w"))
+    with pytest.raises(SystemExit, match="prompt_use None .now 'in order'."):
+        make(path, tmp_path, 4)
 
 
-def test_synth_prompts_are_captions_with_optional_phrases():
-    import synth
-    got = [reflow.synth_prompt(0, j) for j in range(200)]
-    assert got == [reflow.synth_prompt(0, j) for j in range(200)]  # deterministic
-    full = [p for p in got if synth.parse_caption(p) is not None]
-    assert 0.3 < len(full) / len(got) < 0.7  # both phrases kept with probability 0.7^2 = 0.49
-    assert all(p.startswith("a ") and p.endswith(" background") for p in got)
+def test_prompts_are_used_in_order_and_cycle(teacher, tmp_path):
+    """Pair j takes line j mod L: each prompt is used as often as any other (here 7 pairs of 3 lines)."""
+    path, prompts = teacher
+    make(path, tmp_path, 7)
+    lines = ["a red circle", "a blue square", "a green star"]
+    assert reflow.load_pairs(str(tmp_path), 7).prompts == (lines * 3)[:7]
 
 
 def test_straightness_of_a_known_path():
@@ -147,8 +156,8 @@ def test_first_loss_is_the_fm_loss_on_the_stored_pairs(student, teacher):
     train.check_config(cfg)
     pairs = reflow.load_pairs(os.path.join(out, "pairs"), 6)
     b = sd.load(teacher[0])
-    idx = torch.tensor(next(train.batch_indices(cfg, 6, 0, 0, 1)))
-    _, t, _ = train.draw(cfg, "diff2flow", 0, 4, (4, 8, 8), 1000, "cpu")
+    idx = torch.tensor(next(data.batch_indices(cfg, 6, 0, 0, 1)))
+    _, t, _ = data.draw(cfg, "diff2flow", 0, 4, (4, 8, 8), 1000, "cpu")
     with torch.no_grad():
         loss = diff2flow.diff2flow_loss(b.unet, pairs.x1[idx], b.encode_prompt([pairs.prompts[i] for i in idx]),
                                         b.alphas_cumprod, b.prediction, noise=pairs.noise[idx], t=t)
@@ -200,14 +209,14 @@ def test_verdicts():
 
 def test_pairs_cli(teacher, tmp_path):
     path, prompts = teacher
-    with pytest.raises(SystemExit, match="--prompts FILE is needed"):
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error: exit status 2
         reflow.main(["pairs", "--ckpt", path, "--out", str(tmp_path)])
     reflow.main(["pairs", "--ckpt", path, "--prompts", prompts, "--out", str(tmp_path), "--n", "3",
                  "--shard-size", "2", "--steps", "1"])
     assert sorted(os.listdir(tmp_path)) == ["00000.safetensors", "00001.safetensors", "pairs.json"]
     assert json.load(open(tmp_path / "pairs.json"))["resolution"] == 32  # from the teacher's metadata
     with pytest.raises(SystemExit, match="--n must be >= 1"):
-        reflow.main(["pairs", "--n", "0"])
+        reflow.main(["pairs", "--prompts", prompts, "--n", "0"])
 
 
 def test_ddp_ranks_make_disjoint_shards_and_train_like_one_process(teacher, tmp_path):
