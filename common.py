@@ -39,11 +39,12 @@ def usage_error(msg):
 
 class DefaultsOnce(argparse.RawDescriptionHelpFormatter):
     """--help: the description as written, and each option's default said once: appended where the option has
-    one (not None / False) and its help does not already give it."""
+    one (not None, False or empty) and its help does not already give it."""
 
     def _get_help_string(self, action):
         h = action.help or ""
-        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        d = action.default
+        quiet = d is None or d is False or (isinstance(d, (str, list)) and d in ("", [], argparse.SUPPRESS))
         if not action.option_strings or quiet or "default" in h:
             return h
         return h + " (default: %(default)s)"

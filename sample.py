@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 import diff2flow
 import lora
 import sd
+from common import DefaultsOnce, fail, one_line_warnings, usage_error
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO = os.path.join(DEMO_DIR, "reflow_tiny.safetensors")  # the demo's reflowed model: 4 steps, no CFG (reflow.py)
@@ -28,7 +29,7 @@ if not os.path.exists(DEMO):  # not built: the Diff2Flow model that it is a LoRA
 SAMPLERS = {"euler": diff2flow.sample_euler, "heun": diff2flow.sample_heun, "ddim": diff2flow.sample_ddim}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsOnce)
 parser.add_argument("--ckpt", help="checkpoint, diffusers folder, cached repo id or LoRA file (default: the tiny demo)")
 parser.add_argument("--prompt", action="append", default=[], help="text prompt; repeat for several")
 parser.add_argument("--prompts", metavar="FILE", help="file with one prompt per line (blank lines skipped)")
@@ -55,11 +56,6 @@ parser.add_argument("--threads", type=int, default=0, help="CPU threads (default
                     "PyTorch's default for SD)")
 
 
-def fail(msg):
-    """One-line error and exit status 2, like argparse's but without the (long) usage text."""
-    parser.exit(2, f"{parser.prog}: error: {msg}\n")
-
-
 def read_prompts(args):
     prompts = list(args.prompt)
     if args.prompts:
@@ -72,7 +68,7 @@ def read_prompts(args):
             fail(f"--prompts {args.prompts} has no prompts (one per line, blank lines are skipped)")
         prompts += from_file
     if not prompts:
-        fail("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE; --prompt '' samples unconditionally")
+        usage_error("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE; --prompt '' samples unconditionally")
     return prompts
 
 
@@ -114,20 +110,20 @@ def png_info(fields, prompt, negative):
 def check_args(args):
     for name in ("n", "batch", "steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+            usage_error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.cfg is not None and args.cfg < 0:
-        fail(f"--cfg must be >= 0 (1 = no guidance), got {args.cfg}")
+        usage_error(f"--cfg must be >= 0 (1 = no guidance), got {args.cfg}")
     if args.shift <= 0:
-        fail(f"--shift must be > 0, got {args.shift}")
+        usage_error(f"--shift must be > 0, got {args.shift}")
     if args.threads < 0:
-        fail(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
+        usage_error(f"--threads must be >= 0 (0 = automatic), got {args.threads}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        usage_error(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
 
 def check_model(args, bundle):
     if args.sampler == "ddim" and bundle.objective not in ("diffusion", "diff2flow"):
-        fail(f"--sampler ddim needs a diffusion-parameterised UNet; this one was trained with objective "
+        usage_error(f"--sampler ddim needs a diffusion-parameterised UNet; this one was trained with objective "
              f"'{bundle.objective}' (its output is a velocity): use --sampler euler or heun")
     ucfg = bundle.unet.cfg
     if ucfg.in_channels != ucfg.out_channels:
@@ -142,7 +138,7 @@ def image_size(args, bundle, meta):
     for name in ("height", "width"):
         size = getattr(args, name) or native
         if size < 1 or size % need:
-            fail(f"--{name} {size} must be a positive multiple of {need} for this model "
+            usage_error(f"--{name} {size} must be a positive multiple of {need} for this model "
                  f"(VAE factor {f} x UNet downsampling {need // f})")
     return args.height or native, args.width or native
 
@@ -156,6 +152,7 @@ def to_uint8(vae, z):
 
 @torch.no_grad()
 def main(argv=None):
+    one_line_warnings()
     args = parser.parse_args(argv)
     check_args(args)
     prompts = read_prompts(args)

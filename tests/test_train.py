@@ -263,3 +263,52 @@ def test_batch_layout_splits_the_global_batch():
     two = [data.batch_indices(train.TrainConfig(batch_size=2, grad_accum=2, seed=1), 5, 3, r, 2) for r in range(2)]
     for _ in range(2):  # steps 3 and 4
         assert next(one) == [i for _ in range(2) for g in two for i in next(g)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_and_resume_continues_exactly(tiny, tmp_path, sig):
+    """A cluster's pre-emption (SIGTERM) or Ctrl-C (SIGINT) mid-run: the step in progress ends, ckpt.pt is
+    written at that step (no --save-every needed), one line says so, exit status 128 + signal; --resume then
+    repeats the uninterrupted run's losses exactly."""
+    train.main(args(tiny, tmp_path / "ref", "--steps", "8", "--save-every", "0"))
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args(tiny, out, "--steps", "1000", "--save-every", "0")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(losses(out) if os.path.exists(out / "log.jsonl") else []) < 2:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + sig, err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    last = err.strip().splitlines()[-1]
+    assert f"stopped by {sig.name} after step {step}; wrote {out / 'ckpt.pt'}" in last and "Traceback" not in err
+    assert 2 <= step < 1000 and len(losses(out)) == step
+    train.main(args(tiny, out, "--steps", "8", "--save-every", "0", "--resume"))
+    assert losses(out) == losses(tmp_path / "ref")
+
+
+def test_resolution_is_checked_before_anything_is_written(tiny, tmp_path):
+    """A resolution the model cannot take fails with the model's own numbers before --out (or the demo's
+    data) is made."""
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        train.main(args(tiny, out, "--resolution", "40"))
+    assert e.value.code == 2 and "multiple of 16 for this model (VAE factor 4 x UNet downsampling 4)" in str(e.value)
+    assert not out.exists()
+    if os.path.exists(train.DEMO_PRIOR):  # the demo preset: its synthetic data would be written first
+        with pytest.raises(SystemExit, match="--resolution 40 must be a multiple of 16"):
+            train.main(["--task", "t2i", "--resolution", "40", "--out", str(out)])
+        assert not out.exists() and not os.path.exists(data.demo("demo:shapes", 40)[0])
+
+
+def test_help_gives_each_default_once_and_lists_the_presets(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    options = text.split("presets (")[0].split("\n  --")[1:]  # one chunk per option
+    assert e.value.code == 0 and len(options) == len(train.dataclasses.fields(train.TrainConfig))
+    assert "(default: None)" not in text and all(o.count("default") <= 1 for o in options)
+    assert any(o.startswith("grad-accum") and "(default: 1)" in o for o in options)
+    for name in train.PRESETS:
+        assert f"\n  {name} " in text
