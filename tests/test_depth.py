@@ -1,5 +1,7 @@
 """depth.py: the first-conv expansion, the depth encoding, alignment, ensembling, metrics (hand-made
 cases), image and depth files, the command line."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -339,3 +341,12 @@ def test_mean_depth_map_of_one_pair_is_its_normalised_depth_and_scores_as_it(pai
     torch.testing.assert_close(y, depth.normalize_depth(d[None, None], v[None, None])[0, 0])
     m = depth.evaluate_constant(y, One(), depth.DEPTH_RANGES["scenes"])
     assert m["delta1"] > 0.99 and m["abs_rel"] < 0.02  # its own depth, up to the quantile clipping
+
+
+@pytest.mark.skipif(not os.path.exists(depth.DEMO), reason="needs the depth demo (toy/make_depth_demo.sh)")
+def test_readme_command_on_the_shipped_image(tmp_path):
+    """`python depth.py assets/room.png`: the README's command, on the image shipped for it."""
+    paths = depth.main([os.path.join(depth.ROOT, "assets", "room.png"), "--out", str(tmp_path), "--steps", "1",
+                        "--ensemble", "1"])
+    assert sorted(os.path.basename(p) for p in paths) == ["room_depth.npy", "room_depth.png", "room_depth16.png"]
+    assert np.load(paths[2]).shape == (128, 128)
