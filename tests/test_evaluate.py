@@ -140,7 +140,7 @@ def test_beats_needs_a_margin_beyond_twice_the_seed_spread():
     assert evaluate.beats(-10.1, 5.0) == "**does not reproduce**"
 
 
-@pytest.mark.skipif(not os.path.exists(train.DEMO_PRIOR), reason="needs the demo prior (scripts/make_demo.sh)")
+@pytest.mark.skipif(not os.path.exists(train.DEMO_PRIOR), reason="needs the demo prior (toy/make_demo.sh)")
 def test_t2i_with_no_arguments_fine_tunes_the_demo_prior_on_synthetic_data(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "DEMO_DATA", dict(n=8, seed=0))
     monkeypatch.setattr(train, "synth_folder", lambda r: str(tmp_path / f"shapes{r}"))
