@@ -103,10 +103,12 @@ def test_reproduce_quick_writes_results_and_plot(prior, tmp_path):
     assert set(claim_verdicts(text).values()) <= VERDICTS
     assert Image.open(tmp_path / "results.png").size == (1000, 420)
     # the zero-shot Euler and DDIM rows measure the same prior and differ only in the sampler: it changes the
-    # samples (and their scores), not the FM loss, which no sampler enters; the naive FM reading is another model
+    # samples (and their scores), not the FM loss, which no sampler enters; the naive FM reading is another model.
+    # (At one step both return the prior's data estimate from pure noise, equal up to rounding: compared from 2.)
     z = res["zero_shot"]
     assert z["diff2flow (Euler)"]["fm_loss"] == z["DDIM"]["fm_loss"] != z["naive FM reading"]["fm_loss"]
-    assert all(z["diff2flow (Euler)"]["samples"][s] != z["DDIM"]["samples"][s] for s in z["DDIM"]["samples"])
+    more = [s for s in z["DDIM"]["samples"] if int(s) > 1]
+    assert more and all(z["diff2flow (Euler)"]["samples"][s]["fd"] != z["DDIM"]["samples"][s]["fd"] for s in more)
     json.dumps(res)  # results.json is plain JSON
     assert len(res["spread"]["mean_fd"]) == 3 and set(res["ddim"]) == {"diffusion-full", "diffusion-lora"}
     # --report re-renders from results.json alone (str keys after JSON), measuring nothing new

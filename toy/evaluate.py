@@ -105,8 +105,10 @@ def measure(bundle, objective, data, classifier, setup, samples=True, sampler="e
     out = {"fm_loss": fm_val_loss(model, data, setup.seed)}
     if samples:
         fn = diff2flow.sample_ddim if sampler == "ddim" else diff2flow.sample_euler
-        out["samples"] = {s: metrics.image_scores(classifier, generate(bundle, model, data, s, setup.cfg, setup.seed,
-                                                                       fn), data) for s in setup.sample_steps}
+        out["samples"] = {}
+        for s in setup.sample_steps:
+            images = generate(bundle, model, data, s, setup.cfg, setup.seed, fn)
+            out["samples"][s] = metrics.image_scores(classifier, images, data)
     return out
 
 
