@@ -260,7 +260,8 @@ def test_fm_sampler_callback_sees_every_step_and_its_states_rebuild_the_result(s
     result exactly. Watching changes nothing."""
     model, g = toy_model([]), torch.Generator().manual_seed(8)
     noise = torch.randn(4, D, generator=g, dtype=torch.float64)
-    cond, uncond = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(1, 3, generator=g, dtype=torch.float64)
+    cond = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    uncond = torch.randn(1, 3, generator=g, dtype=torch.float64)
     guided = lambda x, t: d.cfg_velocity(model, x, t, cond, uncond, 3.0)
     seen = []
     out = sampler(model, noise, 5, cond, uncond, 3.0, shift=2.0, callback=seen.append)

@@ -136,7 +136,8 @@ def test_cached_classifier_is_trained_once_and_then_loaded(tmp_path, monkeypatch
     assert calls == [(32, 7)] and sorted(p.name for p in folder.iterdir()) == ["classifier32-7.safetensors"]
     (images, _), _ = heldout
     for m in (first, second):
-        assert torch.equal(metrics.extract_features(m, images[:8]), metrics.extract_features(tiny_classifier, images[:8]))
+        assert torch.equal(metrics.extract_features(m, images[:8]),
+                           metrics.extract_features(tiny_classifier, images[:8]))
 
 
 def test_held_out_is_the_validation_and_test_streams_encoded():

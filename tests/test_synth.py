@@ -153,7 +153,8 @@ def reference_vary_caption(text, rng, keep=0.7):
     a = synth.parse_caption(text)
     size = f"{a.size} " if rng.random() < keep else ""
     where = f" at the {a.position}" if rng.random() < keep else ""
-    return f"a {size}{a.color} {a.shape}{where} on {'an' if a.background[0] in 'aeiou' else 'a'} {a.background} background"
+    article = "an" if a.background[0] in "aeiou" else "a"
+    return f"a {size}{a.color} {a.shape}{where} on {article} {a.background} background"
 
 
 def reference_synth_prompt(seed, j):

@@ -61,8 +61,8 @@ def vae_floor(bundle, ds, res, drange=DEPTH_RANGES["scenes"], n=None):
 
 def heldout_scenes(size=64, n=128):
     """The held-out test scenes (scenes.TEST_SEED, never trained on), written once to runs/data/."""
-    return common.written_once(os.path.join(ROOT, "runs", "data", f"scenes-{size}px-seed{scenes.TEST_SEED}-n{n}"),
-                               lambda p: scenes.write_pairs(p, n, size, scenes.TEST_SEED))
+    path = os.path.join(ROOT, "runs", "data", f"scenes-{size}px-seed{scenes.TEST_SEED}-n{n}")
+    return common.written_once(path, lambda p: scenes.write_pairs(p, n, size, scenes.TEST_SEED))
 
 
 def mean_depth_map(ds, res):

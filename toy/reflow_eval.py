@@ -70,10 +70,12 @@ def evaluate_reflow(teacher, student, n=512, steps=(1, 2, 4, 8), ref_steps=(25, 
     t0 = time.time()
     tb, sb = sd.load(teacher), sd.load(student)
     resolution = int(tb.meta.get("resolution", 32))
-    classifier, data = metrics.cached_classifier(classifier_dir, classifier_steps), metrics.held_out(tb, resolution, n, 1)
+    classifier = metrics.cached_classifier(classifier_dir, classifier_steps)
+    data = metrics.held_out(tb, resolution, n, 1)  # one validation latent: the FM loss is not measured here
     # name -> (bundle, test contexts, guidance): the teacher with its CFG, the student with its own (1)
     models = {"teacher": (tb, data["test_ctx"], float(tb.meta.get("cfg", 7.5))),
-              "reflow": (sb, metrics.held_out(sb, resolution, n, 1)["test_ctx"], float(sb.meta.get("cfg", STUDENT_CFG)))}
+              "reflow": (sb, metrics.held_out(sb, resolution, n, 1)["test_ctx"],
+                         float(sb.meta.get("cfg", STUDENT_CFG)))}
     shape = (n, *latent_shape(tb, resolution))
     noise = noise_of(shape, seed)
     ref_z, ref_s = solve(*models["teacher"][:2], noise, 40, models["teacher"][2])
