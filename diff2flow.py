@@ -364,36 +364,52 @@ def _steps(ts, progress):
     return tqdm(list(zip(ts[:-1], ts[1:])), disable=not progress)
 
 
-def sample_euler(model, noise, steps, context=None, uncond=None, cfg_scale=1.0, shift=1.0, progress=False):
-    """Euler's method on the FM ODE dx/dt = v(x, t), from x_0 = noise at t = 0 to data at t = 1."""
+def sample_euler(model, noise, steps, context=None, uncond=None, cfg_scale=1.0, shift=1.0, progress=False,
+                 callback=None):
+    """Euler's method on the FM ODE dx/dt = v(x, t), from x_0 = noise at t = 0 to data at t = 1.
+    callback (k-diffusion style): callback({"i", "x", "t", "t_next", "v"}) once per step, with the guided
+    velocity v at (x, t), before the update x + (t_next - t) v."""
     x = noise
-    for t0, t1 in _steps(fm_timesteps(steps, shift), progress):
-        x = x + float(t1 - t0) * _guided(model, x, t0, context, uncond, cfg_scale)
+    for i, (t0, t1) in enumerate(_steps(fm_timesteps(steps, shift), progress)):
+        v = _guided(model, x, t0, context, uncond, cfg_scale)
+        if callback is not None:
+            callback({"i": i, "x": x, "t": t0, "t_next": t1, "v": v})
+        x = x + float(t1 - t0) * v
     return x
 
 
-def sample_heun(model, noise, steps, context=None, uncond=None, cfg_scale=1.0, shift=1.0, progress=False):
-    """Heun's method (explicit trapezoid, 2 evaluations per step) on the FM ODE, t = 0 -> 1."""
+def sample_heun(model, noise, steps, context=None, uncond=None, cfg_scale=1.0, shift=1.0, progress=False,
+                callback=None):
+    """Heun's method (explicit trapezoid, 2 evaluations per step) on the FM ODE, t = 0 -> 1.
+    callback: as sample_euler's, once per step, with v the average of the step's two velocities."""
     x = noise
-    for t0, t1 in _steps(fm_timesteps(steps, shift), progress):
+    for i, (t0, t1) in enumerate(_steps(fm_timesteps(steps, shift), progress)):
         h = float(t1 - t0)
         v0 = _guided(model, x, t0, context, uncond, cfg_scale)
         v1 = _guided(model, x + h * v0, t1, context, uncond, cfg_scale)
-        x = x + h * (v0 + v1) / 2
+        v = (v0 + v1) / 2  # halving is exact: x + h v is bit-identical to x + h (v0 + v1) / 2
+        if callback is not None:
+            callback({"i": i, "x": x, "t": t0, "t_next": t1, "v": v})
+        x = x + h * v
     return x
 
 
-def sample_ddim(model, noise, steps, context=None, uncond=None, cfg_scale=1.0, shift=1.0, progress=False):
+def sample_ddim(model, noise, steps, context=None, uncond=None, cfg_scale=1.0, shift=1.0, progress=False,
+                callback=None):
     """DDIM (Song et al. 2021, eta = 0) on model.unet in diffusion variables; model is a FlowModel.
 
     Starts from x = noise at t_DM = T-1 (the standard approximation: abar_{T-1} = 0.0047 > 0 for SD,
     so the true x_{T-1} still holds 7% signal; exact with zero terminal SNR; an eps-model with zero
-    terminal SNR starts at T-2, see max_dm_time). The last step returns x̂_0, i.e. data."""
+    terminal SNR starts at T-2, see max_dm_time). The last step returns x̂_0, i.e. data.
+    callback: as sample_euler's, in diffusion variables: x = x_DM, t and t_next are DDIM timesteps (t_next
+    None on the last step, which returns x̂_0), v = x̂_0 - ε̂ is the model's velocity (Diff2Flow's v)."""
     ac, x = model.alphas_cumprod, noise.to(_float(noise))
     ts = ddim_timesteps(steps, len(ac), shift).clamp(max=model.t_dm_max)
     for i, t in enumerate(tqdm(ts, disable=not progress)):
         pred = _guided(model.predict, x, t, context, uncond, cfg_scale)
         data, eps = split_prediction(pred, x, *alpha_sigma(t, ac), model.prediction)
+        if callback is not None:
+            callback({"i": i, "x": x, "t": t, "t_next": ts[i + 1] if i + 1 < len(ts) else None, "v": data - eps})
         if i + 1 < len(ts):  # DDIM eta = 0: re-noise x̂_0 with the predicted ε̂ at the next timestep
             a, s = (_bc(c, x) for c in alpha_sigma(ts[i + 1], ac))
             x = a * data + s * eps

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import depth
+import depth_eval
 import sd
 import unet as unet_mod
 from helpers import random_bundle
@@ -323,8 +324,23 @@ def test_evaluate_depth_command(pairs, model_path, tmp_path):
     section = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- begin depth -->" in section and "| diff2flow | 2 |" in section and "| VAE floor |" in section
     assert "| mean depth map |" in section
-    with pytest.raises(SystemExit, match="must be >= 1"):
+    assert "`python toy/evaluate.py depth --ckpt " in section
+    with pytest.raises(SystemExit, match="must be >= 1") as e:
         evaluate.main(["depth", "--data", pairs, "--ckpt", model_path, "--steps", "0"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match="not a pair folder") as e:
+        evaluate.main(["depth", "--data", str(tmp_path), "--ckpt", model_path])
+    assert e.value.code == 1
+
+
+def test_heldout_scenes_are_written_once(tmp_path, monkeypatch):
+    import scenes
+    calls = []
+    monkeypatch.setattr(depth_eval, "ROOT", str(tmp_path))
+    monkeypatch.setattr(scenes, "write_pairs", lambda *a: calls.append(a) or os.makedirs(a[0]))
+    first = depth_eval.heldout_scenes(size=16, n=3)
+    assert first == depth_eval.heldout_scenes(size=16, n=3) == str(tmp_path / "runs/data/scenes-16px-seed10001-n3")
+    assert calls == [(first, 3, 16, scenes.TEST_SEED)] and os.path.exists(os.path.join(first, "done"))
 
 
 def test_mean_depth_map_of_one_pair_is_its_normalised_depth_and_scores_as_it(pairs):
@@ -337,9 +353,9 @@ def test_mean_depth_map_of_one_pair_is_its_normalised_depth_and_scores_as_it(pai
 
         def __getitem__(self, i):
             return ds[0]
-    y = depth.mean_depth_map(One(), 32)
+    y = depth_eval.mean_depth_map(One(), 32)
     torch.testing.assert_close(y, depth.normalize_depth(d[None, None], v[None, None])[0, 0])
-    m = depth.evaluate_constant(y, One(), depth.DEPTH_RANGES["scenes"])
+    m = depth_eval.evaluate_constant(y, One(), depth.DEPTH_RANGES["scenes"])
     assert m["delta1"] > 0.99 and m["abs_rel"] < 0.02  # its own depth, up to the quantile clipping
 
 

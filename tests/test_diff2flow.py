@@ -253,6 +253,58 @@ def test_ddim_on_the_raw_oracle(name, prediction):
         assert (x.mean(0) - MU).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("sampler", [d.sample_euler, d.sample_heun])
+def test_fm_sampler_callback_sees_every_step_and_its_states_rebuild_the_result(sampler):
+    """callback({"i", "x", "t", "t_next", "v"}) once per step, before the update: v is the guided velocity at
+    (x, t) (Heun: the average of its two), and x_{i+1} = x_i + (t_next - t) v_i rebuilds the sampler's path and
+    result exactly. Watching changes nothing."""
+    model, g = toy_model([]), torch.Generator().manual_seed(8)
+    noise = torch.randn(4, D, generator=g, dtype=torch.float64)
+    cond = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    uncond = torch.randn(1, 3, generator=g, dtype=torch.float64)
+    guided = lambda x, t: d.cfg_velocity(model, x, t, cond, uncond, 3.0)
+    seen = []
+    out = sampler(model, noise, 5, cond, uncond, 3.0, shift=2.0, callback=seen.append)
+    grid = d.fm_timesteps(5, 2.0)
+    assert [s["i"] for s in seen] == list(range(5))
+    assert torch.equal(torch.stack([s["t"] for s in seen]), grid[:-1])
+    assert torch.equal(torch.stack([s["t_next"] for s in seen]), grid[1:])
+    x = noise
+    for s in seen:
+        assert torch.equal(s["x"], x)
+        h, v0 = float(s["t_next"] - s["t"]), guided(x, s["t"])
+        expect = v0 if sampler is d.sample_euler else (v0 + guided(x + h * v0, s["t_next"])) / 2
+        torch.testing.assert_close(s["v"], expect, rtol=0, atol=1e-12)
+        x = x + h * s["v"]
+    assert torch.equal(x, out)
+    assert torch.equal(out, sampler(model, noise, 5, cond, uncond, 3.0, shift=2.0))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_callback_reports_the_models_velocity_and_its_states_rebuild_the_result(prediction):
+    """DDIM's callback is in diffusion variables: x = x_DM at DDIM timestep t (t_next None on the last step),
+    v = x̂_0 - ε̂, the FlowModel's velocity at (x_DM / (alpha + sigma), f_t(t)). From (x, t, v) alone the
+    estimates follow (x = alpha x̂_0 + sigma ε̂), hence the next state and the result."""
+    flow, noise, seen = d.FlowModel(oracle(SD, prediction), SD, prediction), whitened_noise(64), []
+    out = d.sample_ddim(flow, noise, 6, callback=seen.append)
+    ts = d.ddim_timesteps(6, T).clamp(max=flow.t_dm_max)
+    assert [s["i"] for s in seen] == list(range(6)) and torch.equal(torch.stack([s["t"] for s in seen]), ts)
+    assert [s["t_next"] for s in seen[:-1]] == list(ts[1:]) and seen[-1]["t_next"] is None
+    x = noise
+    for s in seen:  # each state as rebuilt from the previous report (recovering x̂_0 from v rounds: allclose)
+        torch.testing.assert_close(s["x"], x, rtol=0, atol=1e-10)
+        x = s["x"]
+        a, sg = d.alpha_sigma(s["t"], SD)
+        t_fm = d.dm_to_fm_time(s["t"], SD)
+        torch.testing.assert_close(s["v"], flow(x / (a + sg), t_fm.expand(len(x))), rtol=0, atol=1e-8)
+        data = (x + sg * s["v"]) / (a + sg)
+        if s["t_next"] is not None:
+            a1, s1 = d.alpha_sigma(s["t_next"], SD)
+            x = a1 * data + s1 * (data - s["v"])
+    torch.testing.assert_close(data, out, rtol=0, atol=1e-10)
+    assert torch.equal(out, d.sample_ddim(flow, noise, 6))
+
+
 # ----------------------------------------------------------------------------------- guidance
 
 

@@ -123,3 +123,42 @@ def test_update_results_replaces_only_its_section(tmp_path):
     assert "second" in text and "first" not in text and "kept" in text
     assert text.index("## A") < text.index("## B")  # a section keeps its place
     assert text.count("<!-- begin a -->") == 1 and text.count("<!-- end b -->") == 1
+
+
+# ----------------------------------------------------------------------------- held-out measurement
+
+def test_cached_classifier_is_trained_once_and_then_loaded(tmp_path, monkeypatch, tiny_classifier, heldout):
+    calls = []
+    monkeypatch.setattr(metrics, "train_classifier", lambda size, steps: calls.append((size, steps)) or tiny_classifier)
+    folder = tmp_path / "new" / "folder"  # made if missing
+    first = metrics.cached_classifier(str(folder), 7)
+    second = metrics.cached_classifier(str(folder), 7)
+    assert calls == [(32, 7)] and sorted(p.name for p in folder.iterdir()) == ["classifier32-7.safetensors"]
+    (images, _), _ = heldout
+    for m in (first, second):
+        assert torch.equal(metrics.extract_features(m, images[:8]),
+                           metrics.extract_features(tiny_classifier, images[:8]))
+
+
+def test_held_out_is_the_validation_and_test_streams_encoded():
+    from helpers import random_bundle
+    b = random_bundle(0)
+    data = metrics.held_out(b, 32, n_eval=5, n_val=3)
+    test, captions = synth.images(synth.TEST_SEED, 0, 5, 32)
+    val, val_captions = synth.images(synth.VAL_SEED, 0, 3, 32)
+    assert torch.equal(data["test"], test)
+    with torch.no_grad():
+        assert torch.equal(data["x1"], b.vae.encode(val))
+        assert torch.equal(data["val_ctx"], b.encode_prompt(val_captions))
+        assert torch.equal(data["test_ctx"], b.encode_prompt(captions))
+    for i, c in enumerate(captions):
+        assert {n: int(v[i]) for n, v in data["labels"].items()} == synth.parse_caption(c).labels()
+
+
+def test_image_scores_are_fd_to_the_test_images_and_mean_accuracy(tiny_classifier, heldout):
+    (val, _), (test, labels) = heldout
+    data = {"test": test, "labels": labels}
+    s = metrics.image_scores(tiny_classifier, val, data)
+    assert s == {"fd": fd_score(tiny_classifier, val, test),
+                 "acc": attribute_accuracy(tiny_classifier, val, labels)["mean"]}
+    assert metrics.image_scores(tiny_classifier, test, data)["fd"] == pytest.approx(0, abs=1e-4)  # sqrtm rounding

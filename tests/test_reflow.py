@@ -8,7 +8,10 @@ import torch
 
 import data
 import diff2flow
+import evaluate
+import metrics
 import reflow
+import reflow_eval
 import sample
 import sd
 import train
@@ -105,11 +108,24 @@ def test_straightness_of_a_known_path():
     x0 = torch.zeros(3, 4)
     for steps in (1, 4, 10):
         tk = torch.arange(steps, dtype=torch.float64) / steps
-        x1, s = reflow.euler_path(field, x0, steps, None)
+        x1, s = reflow_eval.euler_path(field, x0, steps, None)
         expect = (b.double().pow(2).sum() * tk.var(unbiased=False) / (a.double() + b.double() * tk.mean()).pow(2).sum())
         assert s == pytest.approx(expect.item(), rel=1e-5, abs=1e-7)
         torch.testing.assert_close(x1, diff2flow.sample_euler(field, x0, steps))
-    assert reflow.euler_path(lambda x, t, c: a.expand_as(x), x0, 8, None)[1] == pytest.approx(0, abs=1e-12)
+    assert reflow_eval.euler_path(lambda x, t, c: a.expand_as(x), x0, 8, None)[1] == pytest.approx(0, abs=1e-12)
+
+
+def reference_euler_path(model, noise, steps, context, uncond, cfg_scale):
+    """euler_path as it was, before sample_euler had a callback: its own copy of sample_euler's loop."""
+    x, vs = noise, []
+    ts = diff2flow.fm_timesteps(steps)
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        v = diff2flow.cfg_velocity(model, x, t0, context, uncond, cfg_scale)
+        vs.append(v)
+        x = x + float(t1 - t0) * v
+    d = (x - noise).flatten(1)
+    dev = torch.stack([(v.flatten(1) - d).pow(2).sum(1) for v in vs]).mean(0)
+    return x, (dev / d.pow(2).sum(1)).mean().item()
 
 
 def test_euler_path_is_sample_euler_with_cfg(teacher):
@@ -117,13 +133,15 @@ def test_euler_path_is_sample_euler_with_cfg(teacher):
     model = diff2flow.velocity_model(b.unet, b.alphas_cumprod, b.prediction, b.objective)
     noise, ctx, unc = torch.randn(2, 4, 8, 8), b.encode_prompt(["a", "b"]), b.encode_prompt([""])
     with torch.no_grad():
-        z, s = reflow.euler_path(model, noise, 3, ctx, unc, 2.5)
+        z, s = reflow_eval.euler_path(model, noise, 3, ctx, unc, 2.5)
         assert torch.equal(z, diff2flow.sample_euler(model, noise, 3, ctx, unc, 2.5)) and s > 0
+        ref_z, ref_s = reference_euler_path(model, noise, 3, ctx, unc, 2.5)
+        assert torch.equal(z, ref_z) and s == ref_s, "the same path and the same straightness number"
 
 
 def test_psnr():
     a = torch.zeros(2, 3, 4, 4)
-    assert reflow.psnr(a, a + 0.2) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item())
+    assert reflow_eval.psnr(a, a + 0.2) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item())
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +203,8 @@ def test_reflow_errors(teacher, tmp_path):
 
 def test_evaluate_pipeline_writes_the_results_section(student, teacher, tmp_path):
     final = student[0]
-    res = reflow.evaluate_reflow(teacher[0], final, n=8, steps=(1, 2, 4), ref_steps=(25, 40),
-                                 results=str(tmp_path / "R.md"), classifier_dir=str(tmp_path), classifier_steps=2)
+    res = reflow_eval.evaluate_reflow(teacher[0], final, n=8, steps=(1, 2, 4), ref_steps=(25, 40),
+                                      results=str(tmp_path / "R.md"), classifier_dir=str(tmp_path), classifier_steps=2)
     rows = {(r["model"], r["steps"]): r for r in res["rows"]}
     assert set(rows) == {("teacher", 1), ("reflow", 1), ("teacher", 2), ("reflow", 2), ("teacher", 4),
                          ("reflow", 4), ("teacher", 25), ("teacher", 40)}
@@ -196,11 +214,31 @@ def test_evaluate_pipeline_writes_the_results_section(student, teacher, tmp_path
     assert "<!-- begin reflow -->" in text and "| reflow | 4 | 4 |" in text and "Straightness" in text
 
 
+def test_evaluate_reflow_command_writes_the_section_and_the_raw_numbers(student, teacher, tmp_path):
+    """toy/evaluate.py reflow (was reflow.py evaluate). The classifier of its default 1500 steps is stood in for by
+    a 2-step one under that name: cached_classifier loads what it finds."""
+    metrics.save_classifier(metrics.train_classifier(32, 2), tmp_path / "classifier32-1500.safetensors")
+    raw, md = tmp_path / "out" / "eval.json", tmp_path / "R.md"
+    res = evaluate.main(["reflow", "--teacher", teacher[0], "--student", student[0], "--n", "4", "--seed", "3",
+                         "--classifier-dir", str(tmp_path), "--results", str(md), "--raw", str(raw)])
+    assert json.loads(raw.read_text()) == json.loads(json.dumps(res)) and res["n"] == 4
+    assert {(r["model"], r["steps"]) for r in res["rows"]} == {
+        *((m, k) for m in ("teacher", "reflow") for k in (1, 2, 4, 8)), ("teacher", 25), ("teacher", 40)}
+    assert "Written by `python toy/evaluate.py reflow`" in md.read_text()
+    with pytest.raises(SystemExit, match="--n and --threads must be >= 1") as e:
+        evaluate.main(["reflow", "--n", "0"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match="no such file") as e:
+        evaluate.main(["reflow", "--teacher", teacher[0], "--student", str(tmp_path / "none.safetensors"),
+                       "--classifier-dir", str(tmp_path), "--raw", str(raw), "--results", str(md)])
+    assert e.value.code == 1
+
+
 def test_verdicts():
     seeds = {"teacher@25": [dict(fd=10.0, acc=0.80), dict(fd=12.0, acc=0.78), dict(fd=11.0, acc=0.79)],
              "reflow@4": [dict(fd=12.0, acc=0.79), dict(fd=11.0, acc=0.78), dict(fd=12.5, acc=0.78)],
              "reflow@2": [dict(fd=14.0, acc=0.70), dict(fd=15.0, acc=0.72), dict(fd=16.0, acc=0.71)]}
-    v = reflow.verdicts({"seeds": seeds})
+    v = reflow_eval.verdicts({"seeds": seeds})
     ref = v["stats"]["teacher@25"]
     assert (ref["fd"], ref["fd_spread"]) == (11.0, 2.0) and ref["acc_spread"] == pytest.approx(0.02)
     assert v["four"]  # FD 11.83 <= 11 + 2, acc 0.783 >= 0.79 - 0.02

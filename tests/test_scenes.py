@@ -1,5 +1,6 @@
 """scenes.py: exact ray-cast geometry (analytic cases), determinism, the pair-folder files."""
 import json
+import os
 import subprocess
 import sys
 
@@ -103,8 +104,9 @@ def test_write_pairs_16bit_millimetres_read_back(tmp_path):
 
 
 def test_cli(tmp_path):
-    r = subprocess.run([sys.executable, "scenes.py", "--out", str(tmp_path / "s"), "--n", "2", "--size", "16",
-                        "--seed", "3"], capture_output=True, text=True, cwd=scenes.__file__.rsplit("/", 1)[0])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(scenes.__file__)))  # as toy/make_depth_demo.sh runs it
+    r = subprocess.run([sys.executable, "toy/scenes.py", "--out", str(tmp_path / "s"), "--n", "2", "--size", "16",
+                        "--seed", "3"], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 2
     assert sorted(p.name for p in (tmp_path / "s" / "depth").iterdir()) == ["00000.png", "00001.png"]

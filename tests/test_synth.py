@@ -1,5 +1,6 @@
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,77 @@ def test_cli_writes_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00000.txt", "00001.png", "00001.txt",
                                                      "00002.png", "00002.txt", "metadata.jsonl"]
     assert read_folder(out)[1] == [ShapesDataset(5, 3, 32)[i]["caption"] for i in range(3)]
+
+
+def test_images_are_the_datasets_items():
+    x, captions = synth.images(4, 3, 5, 32)
+    data = ShapesDataset(4, 8, 32)
+    assert x.shape == (5, 3, 32, 32) and captions == [data[i]["caption"] for i in range(3, 8)]
+    assert torch.equal(x, torch.stack([data[i]["image"] for i in range(3, 8)]))
+
+
+# ----------------------------------------------------------------------------- short captions and prompts
+# The two functions short_caption replaced, as they were (train.vary_caption, reflow.synth_prompt): the
+# prior's captions and the reflow demo's prompts must not change.
+
+def reference_vary_caption(text, rng, keep=0.7):
+    a = synth.parse_caption(text)
+    size = f"{a.size} " if rng.random() < keep else ""
+    where = f" at the {a.position}" if rng.random() < keep else ""
+    article = "an" if a.background[0] in "aeiou" else "a"
+    return f"a {size}{a.color} {a.shape}{where} on {article} {a.background} background"
+
+
+def reference_synth_prompt(seed, j):
+    rng = synth.item_rng(seed, j)
+    a = synth.sample_attributes(rng)
+    size = f"{a.size} " if rng.random() < 0.7 else ""
+    where = f" at the {a.position}" if rng.random() < 0.7 else ""
+    article = "an" if a.background[0] in "aeiou" else "a"
+    return f"a {size}{a.color} {a.shape}{where} on {article} {a.background} background"
+
+
+def test_short_caption_is_vary_caption_with_the_same_draws():
+    captions = synth.images(0, 0, 64, 32)[1]
+    for keep in (0.7, 0.3):
+        ours, ref = random.Random(5), random.Random(5)
+        for c in captions:
+            assert synth.short_caption(parse_caption(c), ours, keep) == reference_vary_caption(c, ref, keep)
+            assert ours.getstate() == ref.getstate(), "two draws per caption, as before"
+
+
+def test_short_prompt_is_synth_prompt_with_the_same_draws():
+    for seed, j in [(0, 0), (0, 1), (3, 17), (10_001, 999)]:
+        assert synth.short_prompt(seed, j) == reference_synth_prompt(seed, j)
+        ours, ref = synth.item_rng(seed, j), synth.item_rng(seed, j)
+        synth.short_caption(sample_attributes(ours), ours)
+        sample_attributes(ref), ref.random(), ref.random()  # what synth_prompt drew
+        assert ours.bit_generator.state == ref.bit_generator.state
+
+
+def test_short_captions_keep_every_attribute_they_name():
+    rng = random.Random(0)
+    full = caption(Attributes("circle", "red", "small", "top left", "blue"))
+    seen = {synth.short_caption(parse_caption(full), rng) for _ in range(200)}
+    assert seen == {full, "a red circle on a blue background", "a small red circle on a blue background",
+                    "a red circle at the top left on a blue background"}
+
+
+def test_short_prompts_are_captions_with_optional_phrases():
+    got = [synth.short_prompt(0, j) for j in range(200)]
+    full = [p for p in got if parse_caption(p) is not None]
+    assert 0.3 < len(full) / len(got) < 0.7  # both phrases kept with probability 0.7^2 = 0.49
+    assert all(p.startswith("a ") and p.endswith(" background") for p in got)
+
+
+def test_cli_writes_the_reflow_prompt_file_from_anywhere(tmp_path):
+    path = tmp_path / "sub" / "prompts.txt"
+    subprocess.run([sys.executable, synth.__file__, "--prompts", str(path), "--n", "300", "--seed", "3"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    assert path.read_text().splitlines() == [reference_synth_prompt(3, j) for j in range(300)]
+    assert path.read_text().endswith("\n") and [p.name for p in path.parent.iterdir()] == ["prompts.txt"]
+    with pytest.raises(SystemExit) as e:
+        synth.main(["--prompts", str(path), "--n", "0"])
+    assert e.value.code == 2 and "--n must be >= 1" in str(e.value)
+    with pytest.raises(SystemExit):  # one of --out, --prompts
+        synth.main(["--n", "3"])

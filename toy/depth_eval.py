@@ -1,7 +1,7 @@
 """Depth evaluation of the tiny family (RESULTS.md, "depth"): depth.py's models on pair folders, per-image metrics
 (depth.depth_metrics, Marigold's protocol), each model's VAE floor and the trivial baselines.
 
-    python toy/evaluate.py depth --ckpt runs/depth/final.safetensors     # the command; see evaluate.py depth --help
+    python toy/evaluate.py depth --ckpt runs/depth/final.safetensors     # the command; see its --help
 """
 import os
 import sys
@@ -9,13 +9,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, depth, ...
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-import scenes
-from depth import (DEPTH_RANGES, PairDataset, decode_depth, depth_metrics, encode_depth, load_model, mean_metrics,
-                   normalize_depth, predict, processing_size, size_multiple, square)
+import common  # noqa: E402
+import scenes  # noqa: E402
+from depth import (DEPTH_RANGES, PairDataset, decode_depth, depth_metrics, encode_depth, load_model,  # noqa: E402
+                   mean_metrics, normalize_depth, predict, processing_size, size_multiple, square)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -60,12 +61,8 @@ def vae_floor(bundle, ds, res, drange=DEPTH_RANGES["scenes"], n=None):
 
 def heldout_scenes(size=64, n=128):
     """The held-out test scenes (scenes.TEST_SEED, never trained on), written once to runs/data/."""
-    import scenes
     path = os.path.join(ROOT, "runs", "data", f"scenes-{size}px-seed{scenes.TEST_SEED}-n{n}")
-    if not os.path.exists(os.path.join(path, "done")):
-        scenes.write_pairs(path, n, size, scenes.TEST_SEED)
-        open(os.path.join(path, "done"), "w").close()
-    return path
+    return common.written_once(path, lambda p: scenes.write_pairs(p, n, size, scenes.TEST_SEED))
 
 
 def mean_depth_map(ds, res):

@@ -1,7 +1,10 @@
-"""Reproduce the fine-tuning claims of Diff2Flow (arXiv 2506.02221) at toy scale, on CPU.
+"""Reproduce the fine-tuning claims of Diff2Flow (arXiv 2506.02221) at toy scale, on CPU; and the command line of
+the tiny family's evaluations, each writing its own section of RESULTS.md.
 
-    python evaluate.py reproduce              # RESULTS.md + results.png (the budget: <= 60 min on 2 cores)
-    python evaluate.py reproduce --quick      # the same pipeline on tiny settings, ~1 min (tests run it)
+    python toy/evaluate.py reproduce              # RESULTS.md + results.png (the budget: <= 60 min on 2 cores)
+    python toy/evaluate.py reproduce --quick      # the same pipeline on tiny settings, ~1 min (tests run it)
+    python toy/evaluate.py depth --ckpt runs/depth/final.safetensors      # image-to-depth (toy/depth_eval.py)
+    python toy/evaluate.py reflow --student runs/reflow/final.safetensors  # 2-4 step sampling (toy/reflow_eval.py)
 
 The tiny prior (assets/demo/prior_tiny.safetensors: a v-prediction diffusion model trained at 32 px, playing
 SD's role) is fine-tuned to twice its resolution, 64 px, with {diffusion, naive FM, Diff2Flow} x {full, LoRA}
@@ -21,21 +24,24 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
-import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
 
-import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import default_collate
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
-import diff2flow
-import metrics
-import sd
-import synth
-import train
+import common  # noqa: E402
+import depth  # noqa: E402
+import depth_eval  # noqa: E402
+import diff2flow  # noqa: E402
+import metrics  # noqa: E402
+import reflow_eval  # noqa: E402
+import sd  # noqa: E402
+import synth  # noqa: E402
+import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 OBJECTIVES = ("diffusion", "fm", "diff2flow")
@@ -67,16 +73,7 @@ QUICK = dict(out="runs/reproduce-quick", n_train=16, checkpoints=(1, 2), batch_s
 
 
 # ---------------------------------------------------------------------------------- measurements
-
-
-def held_out(setup, bundle):
-    """Validation latents + contexts (FM loss); test images + captions + labels (FD, accuracy)."""
-    val, val_caps = train.shapes(synth.VAL_SEED, 0, setup.n_val, setup.resolution)
-    test, test_caps = train.shapes(synth.TEST_SEED, 0, setup.n_eval, setup.resolution)
-    labels = default_collate([synth.parse_caption(c).labels() for c in test_caps])
-    with torch.no_grad():
-        return dict(x1=bundle.vae.encode(val), val_ctx=bundle.encode_prompt(val_caps), test=test,
-                    test_ctx=bundle.encode_prompt(test_caps), labels=labels)
+# on metrics.held_out's data: validation latents (FM loss), test images and captions (FD, accuracy)
 
 
 @torch.no_grad()
@@ -102,30 +99,27 @@ def generate(bundle, model, data, steps, cfg, seed, sampler=diff2flow.sample_eul
     return torch.cat(images)
 
 
-def image_scores(classifier, images, data):
-    acc = metrics.attribute_accuracy(classifier, images, data["labels"])
-    return {"fd": metrics.fd_score(classifier, images, data["test"]), "acc": acc["mean"]}
-
-
 def measure(bundle, objective, data, classifier, setup, samples=True, sampler="euler"):
     """FM validation loss, and FD + accuracy at every sampling step count, of one model."""
     model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, objective)
     out = {"fm_loss": fm_val_loss(model, data, setup.seed)}
     if samples:
         fn = diff2flow.sample_ddim if sampler == "ddim" else diff2flow.sample_euler
-        out["samples"] = {s: image_scores(classifier, generate(bundle, model, data, s, setup.cfg, setup.seed, fn), data)
-                          for s in setup.sample_steps}
+        out["samples"] = {}
+        for s in setup.sample_steps:
+            images = generate(bundle, model, data, s, setup.cfg, setup.seed, fn)
+            out["samples"][s] = metrics.image_scores(classifier, images, data)
     return out
 
 
 def floors(bundle, data, classifier, setup):
     """What no model can beat here: real held-out images (another draw), and the VAE's reconstructions."""
-    val, _ = train.shapes(synth.VAL_SEED, 0, setup.n_eval, setup.resolution)
+    val, _ = synth.images(synth.VAL_SEED, 0, setup.n_eval, setup.resolution)
     with torch.no_grad():
         recon = bundle.vae.decode(bundle.vae.encode(data["test"])).clamp(-1, 1)
     return {"real": {"fd": metrics.fd_score(classifier, val, data["test"]),
                      "acc": metrics.attribute_accuracy(classifier, data["test"], data["labels"])["mean"]},
-            "vae": image_scores(classifier, recon, data)}
+            "vae": metrics.image_scores(classifier, recon, data)}
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -155,13 +149,6 @@ def fine_tune(setup, objective, lora, data_dir, data, classifier):
     return {"curve": curve, "minutes": (time.time() - t0) / 60}
 
 
-def get_classifier(setup):
-    path = os.path.join(setup.out, f"classifier32-{setup.classifier_steps}.safetensors")
-    if not os.path.exists(path):
-        metrics.save_classifier(metrics.train_classifier(32, setup.classifier_steps), path)
-    return metrics.load_classifier(path)
-
-
 def seed_spread(setup, data, classifier, res, name="diff2flow-full", extra=2):
     """Run-to-run spread of the mean FD: the same fine-tuned model sampled from `extra` other noise seeds.
     Differences between models smaller than about twice its std are not resolved by this setup."""
@@ -179,9 +166,9 @@ def reproduce(setup, report_only=False):
     t0 = time.time()
     torch.set_num_threads(1)  # see train.py --threads
     os.makedirs(setup.out, exist_ok=True)
-    classifier = get_classifier(setup)
+    classifier = metrics.cached_classifier(setup.out, setup.classifier_steps)
     prior = sd.load(setup.prior)
-    data = held_out(setup, prior)
+    data = metrics.held_out(prior, setup.resolution, setup.n_eval, setup.n_val)
     if report_only:
         with open(os.path.join(setup.out, "results.json")) as f:
             res = json.load(f)
@@ -203,16 +190,14 @@ def reproduce(setup, report_only=False):
 
 
 def save_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    with common.atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
 
 
 def train_and_measure(setup, prior, data, classifier):
-    data_dir = os.path.join(setup.out, f"data-{setup.resolution}px-n{setup.n_train}")
-    if not os.path.exists(os.path.join(data_dir, "done")):
-        synth.write_folder(data_dir, setup.n_train, setup.resolution, synth.TRAIN_SEED)
-        open(os.path.join(data_dir, "done"), "w").close()
+    data_dir = common.written_once(os.path.join(setup.out, f"data-{setup.resolution}px-n{setup.n_train}"),
+                                   lambda p: synth.write_folder(p, setup.n_train, setup.resolution, synth.TRAIN_SEED))
     res = {"setup": dataclasses.asdict(setup), "floors": floors(prior, data, classifier, setup),
            "zero_shot": {"diff2flow (Euler)": measure(prior, "diffusion", data, classifier, setup),
                          "DDIM": measure(prior, "diffusion", data, classifier, setup, sampler="ddim"),
@@ -297,8 +282,8 @@ def report(res):
     steps = [k for k in res["zero_shot"]["DDIM"]["samples"]]
     ckpts = [str(c) for c in s["checkpoints"]]
     fl = res["floors"]
-    md = [f"## Diff2Flow fine-tuning claims at toy scale\n",
-          f"Written by `python evaluate.py reproduce` in {res['minutes']:.0f} min (CPU). The tiny prior "
+    md = ["## Diff2Flow fine-tuning claims at toy scale\n",
+          f"Written by `python toy/evaluate.py reproduce` in {res['minutes']:.0f} min (CPU). The tiny prior "
           f"(`{os.path.relpath(s['prior'], ROOT)}`, v-prediction diffusion trained at 32 px) fine-tuned to "
           f"{s['resolution']} px on {s['n_train']} synthetic images, {s['checkpoints'][-1]} steps of batch "
           f"{s['batch_size']}, lr {s['lr_full']} full / {s['lr_lora']} LoRA (`--lora {s['lora']}`), seed {s['seed']}, "
@@ -385,12 +370,18 @@ def plot(res, path):
     img.save(path)
 
 
+# ---------------------------------------------------------------------------------- command line
+
+
 def add_reproduce(sub):
-    p = sub.add_parser("reproduce", help="the fine-tuning claims: RESULTS.md + results.png")
+    p = sub.add_parser("reproduce", help="the fine-tuning claims: RESULTS.md + results.png",
+                       description="Fine-tune the tiny prior with diffusion, naive FM and Diff2Flow (full and LoRA) "
+                       "and check the paper's claims: RESULTS.md section 'finetune' and results.png.")
     p.add_argument("--quick", action="store_true", help="tiny settings (a minute): checks the pipeline, not the claims")
-    p.add_argument("--prior", default=train.DEMO_PRIOR, help="the diffusion model to fine-tune (tiny family)")
-    p.add_argument("--out", help="work folder (default runs/reproduce, or runs/reproduce-quick)")
-    p.add_argument("--results", help="folder for RESULTS.md and results.png (default: the repo root; "
+    p.add_argument("--prior", default=train.DEMO_PRIOR, help="the diffusion model to fine-tune (tiny family) "
+                   f"(default: {os.path.relpath(train.DEMO_PRIOR, ROOT)})")
+    p.add_argument("--out", help="work folder (default: runs/reproduce, or runs/reproduce-quick)")
+    p.add_argument("--results", help="folder for RESULTS.md and results.png (default: the repository root; "
                    "--quick: the work folder)")
     p.add_argument("--report", action="store_true", help="no training: re-write RESULTS.md and results.png from "
                    "OUT/results.json, measuring only what it lacks")
@@ -407,7 +398,6 @@ def run_reproduce(a):
 
 
 def add_depth(sub):
-    import depth
     p = sub.add_parser("depth", help="image-to-depth models on a pair folder: AbsRel, delta1..3, RMSE (depth.py)",
                        description="Marigold's protocol: least-squares scale-and-shift alignment on the valid pixels "
                        "(in log depth: the models predict affine-invariant log depth; depth-space alignment is "
@@ -415,15 +405,18 @@ def add_depth(sub):
                        "--ensemble, plus each model's VAE floor (decode(encode(ground truth))).")
     p.add_argument("--data", help="pair folder, rgb/ + depth/ (default: 128 held-out scenes.py scenes at 64 px, "
                    "seed 10001, written once to runs/data/)")
-    p.add_argument("--ckpt", action="append", help="depth model(s); repeat to compare (default: the bundled demo)")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10], help="Euler step counts")
-    p.add_argument("--ensemble", type=int, nargs="+", default=[1, 4], help="ensemble sizes")
-    p.add_argument("--n", type=int, help="only the first N pairs")
+    p.add_argument("--ckpt", action="append", help="depth model(s); repeat to compare "
+                   f"(default: the bundled demo, {os.path.relpath(depth.DEMO, ROOT)})")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10], help="Euler step counts (default: 1 2 4 10)")
+    p.add_argument("--ensemble", type=int, nargs="+", default=[1, 4], help="ensemble sizes (default: 1 4)")
+    p.add_argument("--n", type=int, help="only the first N pairs (default: all)")
     p.add_argument("--dataset", choices=list(depth.DEPTH_RANGES), default="scenes",
                    help="its [min, max] evaluation depth range in metres: " +
-                   ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in depth.DEPTH_RANGES.items()))
-    p.add_argument("--processing-res", type=int, help="default: each model's training resolution")
-    p.add_argument("--seed", type=int, default=0, help="pair i uses noise seed + i")
+                   ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in depth.DEPTH_RANGES.items()) +
+                   " (default: %(default)s)")
+    p.add_argument("--processing-res", type=int, help="pixels the models run at "
+                   "(default: each model's training resolution)")
+    p.add_argument("--seed", type=int, default=0, help="pair i uses noise seed + i (default: %(default)s)")
     p.add_argument("--baseline", metavar="DIR", help="also score the mean normalised depth map of this pair folder "
                    "(e.g. the training data) as a prediction: what a model learns that ignores the image")
     p.add_argument("--json", help="also write the rows as JSON here")
@@ -432,37 +425,75 @@ def add_depth(sub):
 
 
 def run_depth(a):
-    import depth
     if min(a.steps + a.ensemble) < 1 or (a.n is not None and a.n < 1):
-        raise SystemExit("evaluate.py depth: error: --steps, --ensemble and --n must be >= 1")
+        common.usage_error("--steps, --ensemble and --n must be >= 1")
     torch.set_num_threads(1)  # the tiny models: one thread is fastest on a busy CPU (see train.py --threads)
+    ckpts, data = a.ckpt or [depth.DEMO], a.data or depth_eval.heldout_scenes()
     try:
-        rows = depth.evaluate_models(a.ckpt or [depth.DEMO], a.data or depth.heldout_scenes(), a.steps, a.ensemble,
-                                     a.n, depth.DEPTH_RANGES[a.dataset], a.processing_res, a.seed, a.baseline)
+        rows = depth_eval.evaluate_models(ckpts, data, a.steps, a.ensemble, a.n, depth.DEPTH_RANGES[a.dataset],
+                                          a.processing_res, a.seed, a.baseline)
     except depth.DepthError as e:
-        raise SystemExit(f"evaluate.py depth: error: {e}")
-    print(depth.markdown_table(rows))
+        common.fail(str(e))
+    print(depth_eval.markdown_table(rows))
     if a.results:
-        command = "python evaluate.py depth " + " ".join(f"--ckpt {os.path.relpath(c)}" for c in a.ckpt or [depth.DEMO])
-        metrics.update_results(a.results, "depth", depth.results_section(rows, command, a.data or depth.heldout_scenes()))
+        command = "python toy/evaluate.py depth " + " ".join(f"--ckpt {os.path.relpath(c)}" for c in ckpts)
+        metrics.update_results(a.results, "depth", depth_eval.results_section(rows, command, data))
     if a.json:
-        with open(a.json + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(a.json + ".tmp", a.json)
+        save_json(rows, a.json)
     return rows
 
 
-COMMANDS = [add_reproduce, add_depth]  # each adds its subcommand: evaluate.py reproduce | depth | ...
+def add_reflow(sub):
+    p = sub.add_parser("reflow", help="teacher vs reflowed student at 1-8 steps: RESULTS.md section 'reflow'",
+                       description=reflow_eval.__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default=reflow_eval.DEMO_TEACHER, help="sampled with its metadata's CFG "
+                   f"(default: {os.path.relpath(reflow_eval.DEMO_TEACHER, ROOT)})")
+    p.add_argument("--student", default="runs/reflow/final.safetensors",
+                   help="sampled with its metadata's CFG, 1 for a reflowed model (default: %(default)s)")
+    p.add_argument("--n", type=int, default=512, help="held-out test captions, one image each (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, and seed + 1, seed + 2 for the spread "
+                   "(default: %(default)s)")
+    p.add_argument("--results", default=os.path.join(ROOT, "RESULTS.md"), help="markdown file of the section "
+                   "(default: the repository's RESULTS.md)")
+    p.add_argument("--raw", default="runs/reflow/eval.json", help="the numbers as JSON (default: %(default)s)")
+    p.add_argument("--classifier-dir", default="runs/reproduce", help="where the metric classifier is (or is "
+                   "trained once), shared with reproduce (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see train.py --threads) "
+                   "(default: %(default)s)")
+    p.set_defaults(run=run_reflow)
 
 
-def main(argv=None):
+def run_reflow(a):
+    if a.n < 1 or a.threads < 1:
+        common.usage_error("--n and --threads must be >= 1")
+    torch.set_num_threads(a.threads)
+    try:
+        res = reflow_eval.evaluate_reflow(a.teacher, a.student, a.n, seed=a.seed, results=a.results,
+                                          classifier_dir=a.classifier_dir)
+    except sd.LoadError as e:
+        common.fail(str(e))
+    os.makedirs(os.path.dirname(os.path.abspath(a.raw)), exist_ok=True)
+    save_json(res, a.raw)
+    print(f"wrote the 'reflow' section of {a.results}; raw numbers: {a.raw}")
+    return res
+
+
+COMMANDS = [add_reproduce, add_depth, add_reflow]  # each adds its subcommand: evaluate.py reproduce | depth | reflow
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     return a.run(a)
 
 
 if __name__ == "__main__":
+    common.one_line_warnings()
     main()

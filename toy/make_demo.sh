@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Rebuild the bundled demo, assets/demo/{prior_tiny,d2f_tiny,reflow_tiny}.safetensors (fp16, ~24 MB), from scratch:
-#   1. the tiny prior: python train.py --task pretrain (VAE, then UNet + text encoder; ~20 min on 2 cores)
+#   1. the tiny prior: python toy/pretrain.py (VAE, then UNet + text encoder; ~20 min on 2 cores)
 #   2. its Diff2Flow fine-tune: python train.py --task t2i with no other arguments (~3 min), saved UNet-only:
 #      sd.load() takes the VAE and text encoder from the prior it names (base=), which keeps the demo small.
-# Deterministic given the seed (0) and the same torch build. Usage: scripts/make_demo.sh [--fast]
+# Deterministic given the seed (0) and the same torch build. Usage: toy/make_demo.sh [--fast], from anywhere
 # (--fast: a few steps of each, to check the script; it writes runs/demo-fast/, not assets/demo/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=assets/demo
-FAST=()
-if [[ "${1:-}" == "--fast" ]]; then FAST=(--steps 4); DEST=runs/demo-fast; fi
+FAST=(); N_PAIRS=4096
+if [[ "${1:-}" == "--fast" ]]; then FAST=(--steps 4); DEST=runs/demo-fast; N_PAIRS=64; fi
 export DEST
 mkdir -p "$DEST"
 rm -rf runs/pretrain runs/t2i runs/reflow
-python train.py --task pretrain --out runs/pretrain "${FAST[@]}" ${FAST:+--vae-steps 4 --n-images 256}
+python toy/pretrain.py --out runs/pretrain "${FAST[@]}" ${FAST:+--vae-steps 4 --n-images 256}
 python - <<'PY'
 import os, torch, sd
 b = sd.load("runs/pretrain/prior.safetensors")
@@ -29,8 +29,11 @@ sd.save(b, os.environ["DEST"] + "/d2f_tiny.safetensors", dtype=torch.float16, ba
 PY
 # 3. its reflow: python train.py --task reflow (4096 teacher pairs of d2f_tiny, 40 steps, CFG 4; then a LoRA rank 16;
 #    ~15 min), saved as an fp16 LoRA (< 1 MB) naming d2f_tiny as its base; sample.py's default demo model (4 steps,
-#    no CFG). Its teacher is assets/demo/d2f_tiny.safetensors (with --fast: the committed one).
-python train.py --task reflow --out runs/reflow "${FAST[@]}" ${FAST:+--n-pairs 64 --teacher-steps 2}
+#    no CFG). Its teacher is assets/demo/d2f_tiny.safetensors (with --fast: the committed one). Its prompts: synth.py
+#    captions, each losing its size / position phrase with probability 0.3 (line j: synth.short_prompt(0, j)).
+python toy/synth.py --prompts runs/reflow/prompts.txt --n "$N_PAIRS" --seed 0
+python train.py --task reflow --out runs/reflow --prompts runs/reflow/prompts.txt --n-pairs "$N_PAIRS" "${FAST[@]}" \
+    ${FAST:+--teacher-steps 2}
 python - <<'PY'
 import os
 from safetensors import safe_open

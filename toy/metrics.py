@@ -13,12 +13,14 @@ n and the same classifier file. Measured with the defaults (1500 steps of 64 ima
 2 min on one core): 100% held-out accuracy on every attribute; FD at n = 2000 between validation
 and test images 8.6, against pixel-shuffled test images 1616, against uniform noise 2624.
 
-    python metrics.py train --size 32 --steps 1500 --out runs/classifier32.safetensors
-    python metrics.py eval --classifier runs/classifier32.safetensors --folder out/samples
+    python toy/metrics.py train --size 32 --steps 1500 --out runs/classifier32.safetensors
+    python toy/metrics.py eval --classifier runs/classifier32.safetensors --folder out/samples
 """
 import argparse
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,14 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
-import synth
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: common
+import common  # noqa: E402
+import synth  # noqa: E402
 
 # ---------------------------------------------------------------------------------- RESULTS.md
 
 
 def update_results(path, section: str, markdown: str):
-    """Replace (or append) one section of RESULTS.md, so that evaluate.py, the reflow and the depth
-    evaluations each rewrite their own part: between <!-- begin SECTION --> and <!-- end SECTION -->."""
+    """Replace (or append) one section of RESULTS.md, so that toy/evaluate.py's reproduce, reflow and depth
+    each rewrite their own part: between <!-- begin SECTION --> and <!-- end SECTION -->."""
     begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}\n"
     path = Path(path)
@@ -228,6 +232,37 @@ def shuffle_pixels(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     flat = images.flatten(2)  # (N, 3, H*W)
     idx = torch.stack([torch.randperm(flat.shape[-1], generator=g) for _ in range(len(images))])
     return flat.gather(2, idx[:, None].expand_as(flat)).view_as(images)
+
+
+# ---------------------------------------------------------------------------------- held-out measurement
+# What the fine-tuning (toy/evaluate.py reproduce) and the reflow evaluation both score against.
+
+
+def cached_classifier(folder, steps: int) -> AttributeClassifier:
+    """The 32 px classifier of `steps` training steps, trained once into folder/classifier32-STEPS.safetensors."""
+    path = os.path.join(folder, f"classifier32-{steps}.safetensors")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        with common.atomic_path(path) as tmp:  # a killed run leaves no half classifier to load next time
+            save_classifier(train_classifier(32, steps), tmp)
+    return load_classifier(path)
+
+
+def held_out(bundle, resolution: int, n_eval: int, n_val: int) -> dict:
+    """Validation latents + contexts (x1, val_ctx: the FM loss) and test images, contexts and labels (test,
+    test_ctx, labels: FD, accuracy) of synth.py's held-out seeds, encoded by bundle (an sd.SD)."""
+    val, val_caps = synth.images(synth.VAL_SEED, 0, n_val, resolution)
+    test, test_caps = synth.images(synth.TEST_SEED, 0, n_eval, resolution)
+    labels = default_collate([synth.parse_caption(c).labels() for c in test_caps])
+    with torch.no_grad():
+        return dict(x1=bundle.vae.encode(val), val_ctx=bundle.encode_prompt(val_caps), test=test,
+                    test_ctx=bundle.encode_prompt(test_caps), labels=labels)
+
+
+def image_scores(model: AttributeClassifier, images: torch.Tensor, data: dict) -> dict[str, float]:
+    """FD against held_out's test images and the mean accuracy of their captions' attributes."""
+    acc = attribute_accuracy(model, images, data["labels"])
+    return {"fd": fd_score(model, images, data["test"]), "acc": acc["mean"]}
 
 
 # ---------------------------------------------------------------------------------- CLI

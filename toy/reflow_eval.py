@@ -1,8 +1,9 @@
 """Reflow evaluation of the tiny family (RESULTS.md, "reflow"): teacher (with its CFG) vs the reflowed student
 (cfg 1) at 1, 2, 4, 8 Euler steps, and the teacher at 25 and 40: latent MSE and image PSNR against the teacher's
-40-step output from the same noise, FD and prompt-attribute accuracy (metrics.py's classifier, as evaluate.py),
-the straightness of the 40-step paths (mean_k ||v_k - (x_1 - x_0)||^2 / ||x_1 - x_0||^2, see euler_path) and the
-run-to-run spread of FD / accuracy (the teacher at 25 steps and the student at 2 and 4 from SEEDS noise seeds).
+40-step output from the same noise, FD and prompt-attribute accuracy (metrics.py's classifier and held-out data,
+as toy/evaluate.py reproduce), the straightness of the 40-step paths (mean_k ||v_k - (x_1 - x_0)||^2 /
+||x_1 - x_0||^2, see euler_path) and the run-to-run spread of FD / accuracy (the teacher at 25 steps and the
+student at 2 and 4 from SEEDS noise seeds).
 
     python toy/evaluate.py reflow --student runs/reflow/final.safetensors     # RESULTS.md section "reflow"
 """
@@ -13,15 +14,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, reflow, ...
 
-import torch
+import torch  # noqa: E402
 
-import diff2flow
-import evaluate
-import metrics
-import sd
-from reflow import STUDENT_CFG, latent_shape
+import diff2flow  # noqa: E402
+import metrics  # noqa: E402
+import sd  # noqa: E402
+from reflow import STUDENT_CFG, latent_shape  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+DEMO_TEACHER = os.path.join(ROOT, "assets", "demo", "d2f_tiny.safetensors")  # the demo student's teacher
 SEEDS = 3  # noise seeds of the target rows (teacher@25, reflow@2, reflow@4): their run-to-run spread
 
 
@@ -29,12 +30,8 @@ def euler_path(model, noise, steps, context, uncond=None, cfg_scale=1.0):
     """diff2flow.sample_euler, also returning the straightness of the path it took:
     S = mean_k ||v_k - (x_1 - x_0)||^2 / ||x_1 - x_0||^2 (mean over images), 0 for a straight line. With
     uniform Euler steps x_1 - x_0 = mean_k v_k, so S is the variance of the velocity along the path."""
-    x, vs = noise, []
-    ts = diff2flow.fm_timesteps(steps)
-    for t0, t1 in zip(ts[:-1], ts[1:]):
-        v = diff2flow._guided(model, x, t0, context, uncond, cfg_scale)  # sample_euler's step, exactly
-        vs.append(v)
-        x = x + float(t1 - t0) * v
+    vs = []  # the guided velocity of every step, as sample_euler's callback reports it
+    x = diff2flow.sample_euler(model, noise, steps, context, uncond, cfg_scale, callback=lambda s: vs.append(s["v"]))
     d = (x - noise).flatten(1)  # (B, D)
     dev = torch.stack([(v.flatten(1) - d).pow(2).sum(1) for v in vs]).mean(0)  # (B,)
     return x, (dev / d.pow(2).sum(1)).mean().item()
@@ -72,13 +69,14 @@ def evaluate_reflow(teacher, student, n=512, steps=(1, 2, 4, 8), ref_steps=(25, 
     """The numbers of RESULTS.md's "reflow" section (see the module docstring); returns them as a dict."""
     t0 = time.time()
     tb, sb = sd.load(teacher), sd.load(student)
-    setup = evaluate.Setup(out=classifier_dir, resolution=int(tb.meta.get("resolution", 32)), n_eval=n, n_val=1,
-                           classifier_steps=classifier_steps)
-    classifier, data = evaluate.get_classifier(setup), evaluate.held_out(setup, tb)
+    resolution = int(tb.meta.get("resolution", 32))
+    classifier = metrics.cached_classifier(classifier_dir, classifier_steps)
+    data = metrics.held_out(tb, resolution, n, 1)  # one validation latent: the FM loss is not measured here
     # name -> (bundle, test contexts, guidance): the teacher with its CFG, the student with its own (1)
     models = {"teacher": (tb, data["test_ctx"], float(tb.meta.get("cfg", 7.5))),
-              "reflow": (sb, evaluate.held_out(setup, sb)["test_ctx"], float(sb.meta.get("cfg", STUDENT_CFG)))}
-    shape = (n, *latent_shape(tb, setup.resolution))
+              "reflow": (sb, metrics.held_out(sb, resolution, n, 1)["test_ctx"],
+                         float(sb.meta.get("cfg", STUDENT_CFG)))}
+    shape = (n, *latent_shape(tb, resolution))
     noise = noise_of(shape, seed)
     ref_z, ref_s = solve(*models["teacher"][:2], noise, 40, models["teacher"][2])
     ref = (ref_z, decode(tb, ref_z))
@@ -88,7 +86,7 @@ def evaluate_reflow(teacher, student, n=512, steps=(1, 2, 4, 8), ref_steps=(25, 
         bundle, ctx, cfg = models[name]
         z = solve(bundle, ctx, noise, k, cfg)[0] if z is None else z
         img = decode(bundle, z)
-        return z, img, evaluate.image_scores(classifier, img, data)
+        return z, img, metrics.image_scores(classifier, img, data)
 
     def row(name, k):
         z, img, sc = scores(name, k, noise, ref_z if (name, k) == ("teacher", 40) else None)
@@ -149,7 +147,7 @@ def how(meta):
 def report(res):
     v = verdicts(res)
     md = ["## Reflow: 2-4 step sampling (tiny family)\n",
-          f"Written by `python reflow.py evaluate` in {res['minutes']:.1f} min. Teacher `{res['teacher']}` "
+          f"Written by `python toy/evaluate.py reflow` in {res['minutes']:.1f} min. Teacher `{res['teacher']}` "
           f"(Euler, CFG {res['teacher_cfg']}); student `{res['student']}`, its 1-rectified flow (Euler, "
           f"CFG {res['student_cfg']}: one UNet call per step). {res['n']} held-out test captions, the same noise "
           "for every row. MSE (latents) and PSNR (decoded images) against the teacher's 40-step output from "

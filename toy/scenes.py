@@ -17,7 +17,7 @@ Written as the pair-folder layout depth.py reads:
     DIR/rgb/00000.png      8-bit RGB
     DIR/depth/00000.png    16-bit millimetres, 0 = invalid (sky)
 
-    python scenes.py --out runs/scenes --n 1000 --size 64 --seed 0
+    python toy/scenes.py --out runs/scenes --n 1000 --size 64 --seed 0
 """
 import argparse
 import json

@@ -18,13 +18,20 @@ diffusion data and the metric classifier. VAL_SEED = 10_000 (development checks)
 TEST_SEED = 10_001 (final numbers) are never trained on. The split holds out images, not
 captions: with 11_340 captions a large training set contains most of them.
 
-    python synth.py --out data/shapes --n 5000 --size 64 --seed 0
+Short prompts. short_caption drops the size and the position phrase of a caption, each with
+probability 1 - KEEP_PHRASE, e.g. "a red circle on a blue background": the prior's training
+captions vary so (toy/pretrain.py), and so do the reflow demo's prompts (short_prompt, --prompts).
+
+    python toy/synth.py --out data/shapes --n 5000 --size 64 --seed 0
+    python toy/synth.py --prompts runs/reflow/prompts.txt --n 4096 --seed 0   # line j: short_prompt(0, j)
 """
 import argparse
 import itertools
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +39,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: common
+import common  # noqa: E402
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "heart")
 # Saturated, well separated in RGB, so colour is unambiguous even on antialiased 32 px edges.
@@ -49,6 +59,7 @@ VOCAB = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS,
 
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 10_000, 10_001
 HELDOUT_FROM = 10_000  # seeds >= this are held out: never used to train anything
+KEEP_PHRASE = 0.7  # short_caption keeps the size and the position phrase each with this probability
 
 # Geometry in fractions of the image side. A large shape (radius 0.2 + jitter) centred in an edge
 # cell (0.24 - jitter) still fits inside the image; small/large radii never overlap under jitter.
@@ -96,10 +107,27 @@ def all_attributes():
             yield Attributes(*combo)
 
 
-def caption(attrs: Attributes) -> str:
+def caption(attrs: Attributes, size: bool = True, position: bool = True) -> str:
+    """The caption naming every attribute; size=False / position=False leave out that phrase."""
     article = "an" if attrs.background[0] in "aeiou" else "a"  # "on an orange background"
-    return (f"a {attrs.size} {attrs.color} {attrs.shape} at the {attrs.position} "
-            f"on {article} {attrs.background} background")
+    size_phrase = f"{attrs.size} " if size else ""
+    where = f" at the {attrs.position}" if position else ""
+    return f"a {size_phrase}{attrs.color} {attrs.shape}{where} on {article} {attrs.background} background"
+
+
+def short_caption(attrs: Attributes, rng, keep: float = KEEP_PHRASE) -> str:
+    """caption(attrs) without its size phrase, then its position phrase, each dropped with probability
+    1 - keep: exactly two rng.random() draws, size first (rng: a random.Random or np.random.Generator)."""
+    size = rng.random() < keep
+    position = rng.random() < keep
+    return caption(attrs, size, position)
+
+
+def short_prompt(seed: int, j: int) -> str:
+    """Prompt j of stream `seed`: item j's attributes (ShapesDataset(seed)[j]'s caption), then
+    short_caption from the same generator, so that short prompts are distilled too (the reflow demo)."""
+    rng = item_rng(seed, j)
+    return short_caption(sample_attributes(rng), rng)
 
 
 def _alternatives(words) -> str:
@@ -219,6 +247,23 @@ class ShapesDataset(torch.utils.data.Dataset):
         return dict(image=image, caption=caption(attrs), labels=attrs.labels())
 
 
+def images(seed: int, start: int, n: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Items start..start+n-1 of ShapesDataset(seed): images (n, 3, size, size) in [-1, 1], captions."""
+    ds = ShapesDataset(seed, start + n, size)
+    items = [ds[i] for i in range(start, start + n)]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+def write_prompts(path, n: int, seed: int = TRAIN_SEED) -> str:
+    """short_prompt(seed, j) for j = 0..n-1, one a line, written atomically (a killed run leaves no half file)."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with common.atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(short_prompt(seed, j) + "\n" for j in range(n))
+    return path
+
+
 def write_folder(path, n: int, size: int = 64, seed: int = TRAIN_SEED) -> Path:
     """Items 0..n-1 of ShapesDataset(seed) as 00000.png + 00000.txt (caption), plus metadata.jsonl
     with one {"file_name", "text"} line per image (the Hugging Face imagefolder layout)."""
@@ -243,15 +288,25 @@ def read_folder(path) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), [row["text"] for row in rows]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Write a synthetic shapes text-image folder "
-                                "(PNG + .txt captions + metadata.jsonl).")
-    p.add_argument("--out", required=True, help="output folder, created if missing")
-    p.add_argument("--n", type=int, default=5000, help="number of images")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (32 or 64 for the tiny models)")
+                                "(PNG + .txt captions + metadata.jsonl), or with --prompts a prompt file.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="output folder, created if missing")
+    what.add_argument("--prompts", metavar="FILE", help="instead: write line j = short_prompt(SEED, j), j < N "
+                      "(the reflow demo's prompts: captions that may lack their size / position phrase)")
+    p.add_argument("--n", type=int, default=5000, help="number of images, or of prompts (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="--out: image side in pixels (32 or 64 for the tiny "
+                   "models) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help=f"stream seed: < {HELDOUT_FROM} for "
-                   f"training data, {VAL_SEED} validation, {TEST_SEED} test")
-    args = p.parse_args()
+                   f"training data, {VAL_SEED} validation, {TEST_SEED} test (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.prompts:
+        if args.n < 1:
+            common.usage_error(f"--n must be >= 1 with --prompts, got {args.n}")
+        write_prompts(args.prompts, args.n, args.seed)
+        print(json.dumps({"prompts": args.prompts, "n": args.n, "seed": args.seed}))
+        return args.prompts
     write_folder(args.out, args.n, args.size, args.seed)
     print(json.dumps({"out": args.out, "n": args.n, "size": args.size, "seed": args.seed,
                       "distinct_captions": sum(1 for _ in all_attributes())}))
