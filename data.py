@@ -27,6 +27,7 @@ import diff2flow
 from common import atomic_path, open_rgb, rgb_array, written_once
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_DATA = os.path.join(ROOT, "runs", "data")  # where the demo presets' data is made once
 N_DEMO = 4096  # items of the demo data: toy/synth.py / toy/scenes.py items 0..n-1 of their training streams
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -250,10 +251,10 @@ def demo(spec, resolution):
     if kind is None:
         return spec, None
     if kind == "prompts":  # synth.py captions, shortened at random as the prior's training captions were
-        folder = os.path.join(ROOT, "runs", "data", f"prompts-seed0-n{N_DEMO}")
+        folder = os.path.join(DEMO_DATA, f"prompts-seed0-n{N_DEMO}")
         path, args = os.path.join(folder, "prompts.txt"), ["synth.py", "--prompts", "PATH", "--n", N_DEMO]
     else:
-        folder = path = os.path.join(ROOT, "runs", "data", f"{kind}-{resolution}px-seed0-n{N_DEMO}")
+        folder = path = os.path.join(DEMO_DATA, f"{kind}-{resolution}px-seed0-n{N_DEMO}")
         args = ["synth.py" if kind == "shapes" else "scenes.py", "--out", "PATH", "--n", N_DEMO, "--size", resolution]
     cmd = [sys.executable, os.path.join(ROOT, "toy", args[0])] + [path if a == "PATH" else str(a) for a in args[1:]]
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import evaluate
 import pretrain
 import sd
@@ -90,9 +91,10 @@ def test_help_shows_each_default_once(parser):
 
 
 def test_sd_defaults_fill_only_what_is_not_given(tmp_path):
-    cfg = train.parse_args(["--ckpt", "x.safetensors"])
-    train.fill_defaults(cfg)
-    assert (cfg.resolution, cfg.steps, cfg.lr, cfg.ema, cfg.cache) == (512, 1000, 1e-5, 0.9999, False)
+    cfg = train.parse_args(["--ckpt", "x.safetensors", "--data", str(tmp_path), "--steps", "7"])
+    train.check_config(cfg)
+    assert cfg.preset == "t2i" and (cfg.resolution, cfg.lr, cfg.ema, cfg.cache) == (512, 1e-5, 0.9999, False)
+    assert cfg.steps == 7  # the flag wins over the preset's 1000
 
 
 def test_reproduce_quick_writes_results_and_plot(prior, tmp_path):
@@ -144,10 +146,17 @@ def test_beats_needs_a_margin_beyond_twice_the_seed_spread():
 
 @pytest.mark.skipif(not os.path.exists(train.DEMO_PRIOR), reason="needs the demo prior (toy/make_demo.sh)")
 def test_t2i_with_no_arguments_fine_tunes_the_demo_prior_on_synthetic_data(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "DEMO_DATA", dict(n=8, seed=0))
-    monkeypatch.setattr(train, "synth_folder", lambda r: str(tmp_path / f"shapes{r}"))
-    synth.write_folder(tmp_path / "shapes32", 8, 32)
+    """The t2i-demo preset: the prior's resolution, and its data made once by toy/synth.py's own writer, the
+    same files as synth.write_folder (items 0..n-1 of the training stream, seed 0)."""
+    monkeypatch.setattr(data, "DEMO_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "N_DEMO", 8)
     cfg = train.parse_args([])
-    train.check_config(cfg)
+    _, makes = train.check_config(cfg)
     assert (cfg.ckpt, cfg.resolution, cfg.objective, cfg.cache) == (train.DEMO_PRIOR, 32, "diff2flow", True)
-    assert cfg.data == str(tmp_path / "shapes32") and cfg.lr == 2e-4 and cfg.lora == ""
+    assert cfg.data == str(tmp_path / "data" / "shapes-32px-seed0-n8") and cfg.lr == 2e-4 and cfg.lora == ""
+    assert not os.path.exists(cfg.data) and len(makes) == 1  # made only once the model is checked
+    makes[0]()
+    synth.write_folder(tmp_path / "reference", 8, 32, seed=0)
+    for name in sorted(os.listdir(tmp_path / "reference")):
+        assert (tmp_path / "reference" / name).read_bytes() == open(os.path.join(cfg.data, name), "rb").read(), name
+    assert os.path.exists(os.path.join(cfg.data, "done"))

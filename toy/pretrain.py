@@ -36,7 +36,7 @@ import common  # noqa: E402
 import diff2flow  # noqa: E402
 import sd  # noqa: E402
 import synth  # noqa: E402
-import train  # noqa: E402
+import data  # noqa: E402
 from data import stream_indices  # noqa: E402
 
 PROMPTS = ["a large red circle at the center on a blue background",
@@ -108,16 +108,16 @@ def encode_dataset(cfg, bundle):
 
 def train_prior(cfg, bundle, log):
     """Stage 2: UNet + text encoder jointly, SD's diffusion loss (v-prediction, integer timesteps): train.py's
-    noise / timestep / caption-dropout draws (train.draw), AdamW, gradient clipping, EMA (train.EMA)."""
+    noise / timestep / caption-dropout draws (data.draw), AdamW, gradient clipping, EMA (common.EMA)."""
     latents, ids = encode_dataset(cfg, bundle)
     empty = bundle.tokenizer([""])  # (1, 77): dropped captions train the unconditional branch of CFG
     unet, text = bundle.unet.train(), bundle.text_encoder.train()
     params = [p for m in (unet, text) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema, abar = train.EMA(params, cfg.ema), bundle.alphas_cumprod
+    ema, abar = common.EMA(params, cfg.ema), bundle.alphas_cumprod
     for step in (bar := tqdm(range(cfg.steps), desc="unet + text", dynamic_ncols=True)):
         idx = torch.tensor(stream_indices(len(latents), cfg.seed, step * cfg.batch_size, cfg.batch_size))
-        noise, t, drop = train.draw(cfg, "diffusion", step, len(idx), latents.shape[1:], len(abar), "cpu")
+        noise, t, drop = data.draw(cfg, "diffusion", step, len(idx), latents.shape[1:], len(abar), "cpu")
         context = text(torch.where(drop[:, None], empty, ids[idx]))  # (B, 77, width), with gradients
         loss = diff2flow.diffusion_loss(unet, latents[idx], context, abar, bundle.prediction, noise=noise, t=t)
         for group in opt.param_groups:
@@ -146,7 +146,7 @@ def save_samples(cfg, bundle, path):
     f = bundle.vae.downsample
     noise = torch.randn((len(PROMPTS), bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f),
                         generator=torch.Generator().manual_seed(cfg.seed))
-    train.sample_grid(bundle, bundle.unet, "diffusion", bundle.encode_prompt(PROMPTS), bundle.encode_prompt([""]),
+    data.sample_grid(bundle, bundle.unet, "diffusion", bundle.encode_prompt(PROMPTS), bundle.encode_prompt([""]),
                       noise, path, nullcontext)
 
 
@@ -200,7 +200,7 @@ def parser():
     opt("--seed", 0, "seed of the initial weights, images, caption shortening, data order, noise and timesteps")
     opt("--threads", 0, "torch CPU threads, 0 = 1 (on a busy 2-core machine 2 threads can be 10x slower for "
         "these small models)")
-    opt("--t-sampling", "uniform", "train.draw's FM time distribution (unused by the diffusion loss's integer "
+    opt("--t-sampling", "uniform", "data.draw's FM time distribution (unused by the diffusion loss's integer "
         "timesteps)", choices=["uniform", "logit_normal"])
     opt("--caption-dropout", 0.1, "fraction of captions replaced by the empty prompt (trains the CFG branch)")
     return p
