@@ -22,13 +22,19 @@ import torch
 import torch.nn as nn
 
 import clip_text
-from diff2flow import sd_alphas_cumprod
 import unet as unet_mod
 import vae as vae_mod
 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
           "sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
 FORMAT = "diff2flow-minimal"  # metadata tag of checkpoints written by save()
+
+
+def sd_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+    """abar_t = prod_{i<=t} (1 - beta_i) of SD's "scaled linear" betas (linear in sqrt(beta)), float64.
+    Part of the checkpoint format: original single files may omit it, diffusers folders give only betas."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
 
 
 class LoadError(RuntimeError):

@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 
 import diff2flow as d
+import sd
 
 T = 1000
-SD = d.sd_alphas_cumprod()
+SD = sd.sd_alphas_cumprod()
 ZT = d.rescale_zero_terminal_snr(SD)
 SCHEDULES = {"sd": SD, "ztsnr": ZT}
 D = 12
