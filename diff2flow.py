@@ -143,13 +143,6 @@ def split_prediction(pred, x_dm, a, s, prediction):
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
-def velocity_from_prediction(pred, x_dm, t_dm, alphas_cumprod, prediction):
-    """Velocity derivation: v = x̂_1 - x̂_0 (FM) = x̂_0^DM - ε̂ (DM), data minus noise estimate."""
-    a, s = alpha_sigma(t_dm, alphas_cumprod)
-    data, noise = split_prediction(pred, x_dm, a, s, prediction)
-    return data - noise
-
-
 def unet_call(unet, x, t, context):
     """unet(x, t, context) with x cast to the UNet's parameter dtype (bf16/fp16 are fine), t in at
     least float32 (fractional timesteps need it), and the output back in _float(x)."""
