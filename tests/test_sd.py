@@ -1,4 +1,5 @@
 """sd.py: every source format loads to the same numbers, and every bad input gives a one-line error."""
+import ast
 import dataclasses
 import json
 import os
@@ -321,3 +322,36 @@ def test_sd2_in_fp16_upcasts_attention(tmp_path):
         b = sd.load(path, dtype=dtype)
         flags = {m.upcast for m in b.unet.modules() if hasattr(m, "upcast")}
         assert flags == {want} and b.unet.cfg.upcast_attention == want, (version, dtype)
+
+
+# ----------------------------------------------------------------------------- module layout
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LAYERS = ["sd", "diffusers_format", "diff2flow", "vae"]  # the loader's modules and what they build on
+
+
+def imports(module):
+    """(root modules imported at the top of `module`, line numbers of imports anywhere else in it)."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{module}.py")).read())
+    is_import = lambda n: isinstance(n, (ast.Import, ast.ImportFrom))
+    names = {a.name if isinstance(n, ast.Import) else n.module for n in tree.body if is_import(n) for a in n.names}
+    hidden = [n.lineno for n in ast.walk(tree) if is_import(n) and n not in tree.body]
+    return {m for m in names if os.path.exists(os.path.join(ROOT, f"{m}.py"))}, hidden
+
+
+def test_loader_imports_one_way():
+    """models <- diff2flow <- sd, lora; diffusers_format below sd: no cycles, no imports hidden in functions."""
+    graph, todo = {}, list(LAYERS)
+    while todo:
+        m = todo.pop()
+        if m not in graph:
+            graph[m], hidden = imports(m)
+            assert not hidden or m not in LAYERS, f"{m}.py imports inside functions at lines {hidden}"
+            todo += graph[m]
+    assert "sd" not in graph["diffusers_format"] | graph["diff2flow"] | graph["lora"]
+
+    def reach(m, seen=()):
+        assert m not in seen, f"import cycle {' -> '.join(seen + (m,))}"
+        for n in graph[m]:
+            reach(n, seen + (m,))
+    reach("sd")
