@@ -206,9 +206,16 @@ def _configs(version, in_channels, out_channels):
     return ucfg, vae_mod.PRESETS["sd"], clip_text.PRESETS[version]
 
 
+# Config fields that our older files store but the configs no longer have (double_z: always True).
+_RETIRED = {vae_mod.VAEConfig: ("double_z",)}
+
+
 def _config(cls, text):
-    """A config from the JSON that metadata() wrote (asdict of it)."""
-    return cls(**json.loads(text))
+    """A config from the JSON that metadata() wrote (asdict of it), in this or an older version."""
+    fields = json.loads(text)
+    for name in _RETIRED.get(cls, ()):
+        fields.pop(name, None)
+    return cls(**fields)
 
 
 def _own_configs(meta):

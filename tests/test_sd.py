@@ -53,6 +53,33 @@ def test_own_single_file_roundtrip(tmp_path, ext):
     assert not os.path.exists(path + f".tmp{os.getpid()}")  # atomic write left no temporary behind
 
 
+def test_files_from_before_double_z_was_retired_load(tmp_path):
+    """Our older files store VAEConfig.double_z (always true) in their metadata; they still load."""
+    a = random_bundle(seed=2)
+    path = str(tmp_path / "old.safetensors")
+    sd.save(a, path)
+    tensors, meta = sd.read_safetensors(path)
+    meta["vae_config"] = json.dumps({**json.loads(meta["vae_config"]), "double_z": True})
+    save_file(tensors, path, metadata=meta)
+    b = sd.load(path)
+    assert b.vae.cfg == a.vae.cfg and same_state(a.vae, b.vae)
+
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "assets", "demo")
+
+
+@pytest.mark.parametrize("name,objective", [("prior_tiny", "diffusion"), ("d2f_tiny", "diff2flow"),
+                                            ("depth_tiny", "diff2flow"), ("reflow_tiny", "diff2flow")])
+def test_demo_checkpoints_load(name, objective):
+    """assets/demo: a full file, UNet-only files and a LoRA file, all built on prior_tiny (whose
+    metadata was written while VAEConfig still had double_z)."""
+    b = sd.load(os.path.join(DEMO, f"{name}.safetensors"))
+    assert (b.name, b.objective) == (f"{name}.safetensors", objective)
+    vae = json.loads(sd.safetensors_metadata(os.path.join(DEMO, "prior_tiny.safetensors"))["vae_config"])
+    vae.pop("double_z", None)
+    assert b.vae.cfg == vae_mod.VAEConfig(**vae)
+
+
 def test_load_to_bf16_casts_every_float_tensor(tmp_path):
     path = str(tmp_path / "m.safetensors")
     sd.save(random_bundle(), path)
