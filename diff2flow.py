@@ -15,7 +15,9 @@ Alignment", CVPR 2025, arXiv 2506.02221. Paper symbols and their names in the co
 Diffusion time is continuous in [0, T-1], T = len(alphas_cumprod): an integer k means
 alphas_cumprod[k], exactly the timestep the UNet was trained at, and abar is linear in between.
 (The official code prepends abar = 1 to build a 1001-entry table and indexes the 1000-entry UNet
-schedule with it, a one-step offset; we never mix the two.) Schedule math runs in float64.
+schedule with it, a one-step offset; we never mix the two.) Schedule math runs in float64. Every
+function takes the schedule as `alphas_cumprod`; SD's own (sd.sd_alphas_cumprod) belongs to the
+checkpoint format and lives in sd.py, which this module does not import.
 
 The ends: only t_FM in [f_t(T-1), f_t(0)] = [0.0640425, 0.9716595] have a diffusion timestep with
 the SD schedule; [0, 0.9716595] with zero terminal SNR ([f_t(T-2), ...] = [0.00044, ...] for an eps
@@ -30,12 +32,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------- schedules
-
-
-def sd_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
-    """abar_t = prod_{i<=t} (1 - beta_i) of SD's "scaled linear" betas (linear in sqrt(beta)), float64."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
 
 
 def rescale_zero_terminal_snr(alphas_cumprod):
@@ -147,13 +143,6 @@ def split_prediction(pred, x_dm, a, s, prediction):
     if prediction == "v":
         return a * x_dm - s * pred, s * x_dm + a * pred
     raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-
-
-def velocity_from_prediction(pred, x_dm, t_dm, alphas_cumprod, prediction):
-    """Velocity derivation: v = x̂_1 - x̂_0 (FM) = x̂_0^DM - ε̂ (DM), data minus noise estimate."""
-    a, s = alpha_sigma(t_dm, alphas_cumprod)
-    data, noise = split_prediction(pred, x_dm, a, s, prediction)
-    return data - noise
 
 
 def unet_call(unet, x, t, context):

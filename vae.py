@@ -31,13 +31,11 @@ class VAEConfig:
     embed_dim: int = 4
     in_channels: int = 3
     out_ch: int = 3
-    double_z: bool = True  # kept for parity with LDM's ddconfig; the KL posterior needs mean+logvar
     scale_factor: float = 0.18215
     norm_groups: int = 32
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)  # JSON round-trip turns tuples into lists
-        assert self.double_z, "AutoencoderKL needs double_z=True (encoder emits mean and logvar)"
 
     @property
     def downsample(self) -> int:
@@ -137,7 +135,7 @@ class Encoder(nn.Module):
             self.down.append(level(blocks, "downsample", None if last else Downsample(w)))
         self.mid = Mid(c, g)
         self.norm_out = norm(c, g)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar
+        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)  # mean and logvar (LDM: double_z=True)
 
     def forward(self, x):
         h = self.conv_in(x)

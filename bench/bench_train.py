@@ -28,6 +28,7 @@ import torch
 
 import diff2flow
 import lora
+import sd
 import train
 from bench import best_of, print_table, random_init
 from unet import PRESETS, UNet
@@ -55,7 +56,7 @@ def build(args, lora_preset, ckpt=False):
 def step_fn(loss_fn, unet, opt, x1, context, args):
     """One training step; --bf16: under bf16 autocast (fp32 weights), --compile: through torch.compile."""
     device = args.device
-    abar, g = diff2flow.sd_alphas_cumprod().to(device), torch.Generator(device).manual_seed(0)
+    abar, g = sd.sd_alphas_cumprod().to(device), torch.Generator(device).manual_seed(0)
     model = torch.compile(unet) if args.compile else unet
     amp = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16)
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 
 import diff2flow as d
+import sd
 
 T = 1000
-SD = d.sd_alphas_cumprod()
+SD = sd.sd_alphas_cumprod()
 ZT = d.rescale_zero_terminal_snr(SD)
 SCHEDULES = {"sd": SD, "ztsnr": ZT}
 D = 12
@@ -116,12 +117,23 @@ def test_aligned_interpolant_identity(name):
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_velocity_from_prediction_is_data_minus_noise(prediction):
+    """v = x̂_1 - x̂_0 = x̂_0^DM - ε̂: the exact eps or v target gives back data minus noise, from
+    split_prediction and through FlowModel (which takes that difference inside [t_lo, t_hi])."""
     g = torch.Generator().manual_seed(2)
     t_dm = torch.rand(32, generator=g, dtype=torch.float64) * (T - 1)
     x0, eps = torch.randn(2, 32, D, generator=g, dtype=torch.float64)
     a, s = (c.reshape(-1, 1) for c in d.alpha_sigma(t_dm, SD))
     pred = eps if prediction == "eps" else a * eps - s * x0
-    v = d.velocity_from_prediction(pred, a * x0 + s * eps, t_dm, SD, prediction)
+    data, noise = d.split_prediction(pred, a * x0 + s * eps, a.flatten(), s.flatten(), prediction)
+    assert torch.allclose(data - noise, x0 - eps, rtol=0, atol=1e-12)
+
+    def target(x, t, context=None):  # the exact prediction for these (x0, eps) at the UNet's input
+        a, s = (c.reshape(-1, 1) for c in d.alpha_sigma(t, SD))
+        e = (x - a * x0) / s
+        return e if prediction == "eps" else a * e - s * x0
+    t_fm = d.dm_to_fm_time(t_dm, SD)
+    x_fm = t_fm.reshape(-1, 1) * x0 + (1 - t_fm.reshape(-1, 1)) * eps
+    v = d.FlowModel(target, SD, prediction)(x_fm, t_fm)
     assert torch.allclose(v, x0 - eps, rtol=0, atol=1e-12)
 
 

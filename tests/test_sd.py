@@ -1,4 +1,5 @@
 """sd.py: every source format loads to the same numbers, and every bad input gives a one-line error."""
+import ast
 import dataclasses
 import json
 import os
@@ -50,6 +51,33 @@ def test_own_single_file_roundtrip(tmp_path, ext):
     for x, y in zip(outputs(a)[:3], outputs(b)[:3]):
         assert torch.equal(x, y)
     assert not os.path.exists(path + f".tmp{os.getpid()}")  # atomic write left no temporary behind
+
+
+def test_files_from_before_double_z_was_retired_load(tmp_path):
+    """Our older files store VAEConfig.double_z (always true) in their metadata; they still load."""
+    a = random_bundle(seed=2)
+    path = str(tmp_path / "old.safetensors")
+    sd.save(a, path)
+    tensors, meta = sd.read_safetensors(path)
+    meta["vae_config"] = json.dumps({**json.loads(meta["vae_config"]), "double_z": True})
+    save_file(tensors, path, metadata=meta)
+    b = sd.load(path)
+    assert b.vae.cfg == a.vae.cfg and same_state(a.vae, b.vae)
+
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "assets", "demo")
+
+
+@pytest.mark.parametrize("name,objective", [("prior_tiny", "diffusion"), ("d2f_tiny", "diff2flow"),
+                                            ("depth_tiny", "diff2flow"), ("reflow_tiny", "diff2flow")])
+def test_demo_checkpoints_load(name, objective):
+    """assets/demo: a full file, UNet-only files and a LoRA file, all built on prior_tiny (whose
+    metadata was written while VAEConfig still had double_z)."""
+    b = sd.load(os.path.join(DEMO, f"{name}.safetensors"))
+    assert (b.name, b.objective) == (f"{name}.safetensors", objective)
+    vae = json.loads(sd.safetensors_metadata(os.path.join(DEMO, "prior_tiny.safetensors"))["vae_config"])
+    vae.pop("double_z", None)
+    assert b.vae.cfg == vae_mod.VAEConfig(**vae)
 
 
 def test_load_to_bf16_casts_every_float_tensor(tmp_path):
@@ -321,3 +349,36 @@ def test_sd2_in_fp16_upcasts_attention(tmp_path):
         b = sd.load(path, dtype=dtype)
         flags = {m.upcast for m in b.unet.modules() if hasattr(m, "upcast")}
         assert flags == {want} and b.unet.cfg.upcast_attention == want, (version, dtype)
+
+
+# ----------------------------------------------------------------------------- module layout
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LAYERS = ["sd", "diffusers_format", "diff2flow", "vae"]  # the loader's modules and what they build on
+
+
+def imports(module):
+    """(root modules imported at the top of `module`, line numbers of imports anywhere else in it)."""
+    tree = ast.parse(open(os.path.join(ROOT, f"{module}.py")).read())
+    is_import = lambda n: isinstance(n, (ast.Import, ast.ImportFrom))
+    names = {a.name if isinstance(n, ast.Import) else n.module for n in tree.body if is_import(n) for a in n.names}
+    hidden = [n.lineno for n in ast.walk(tree) if is_import(n) and n not in tree.body]
+    return {m for m in names if os.path.exists(os.path.join(ROOT, f"{m}.py"))}, hidden
+
+
+def test_loader_imports_one_way():
+    """models <- diff2flow <- sd, lora; diffusers_format below sd: no cycles, no imports hidden in functions."""
+    graph, todo = {}, list(LAYERS)
+    while todo:
+        m = todo.pop()
+        if m not in graph:
+            graph[m], hidden = imports(m)
+            assert not hidden or m not in LAYERS, f"{m}.py imports inside functions at lines {hidden}"
+            todo += graph[m]
+    assert "sd" not in graph["diffusers_format"] | graph["diff2flow"] | graph["lora"]
+
+    def reach(m, seen=()):
+        assert m not in seen, f"import cycle {' -> '.join(seen + (m,))}"
+        for n in graph[m]:
+            reach(n, seen + (m,))
+    reach("sd")
