@@ -13,7 +13,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors import safe_open
 
 USAGE, FAILURE = 2, 1  # exit statuses: a usage error (arguments, as argparse), a failure (files, data, training)
 
@@ -91,12 +90,6 @@ def written_once(path, write):
         write(path)
         open(os.path.join(path, "done"), "w").close()
     return path
-
-
-def file_metadata(path):
-    """A .safetensors file's metadata, without reading its tensors."""
-    with safe_open(path, "pt") as f:
-        return f.metadata() or {}
 
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit (or 32-bit) grey

@@ -36,8 +36,8 @@ import diff2flow
 import lora
 import reflow
 import sd
-from common import (EMA, DefaultsOnce, atomic_path, fail, file_metadata, one_line_warnings, open_log,
-                    return_freed_memory, rng_state, set_rng_state, stop_signals, usage_error)
+from common import (EMA, DefaultsOnce, atomic_path, fail, one_line_warnings, open_log, return_freed_memory,
+                    rng_state, set_rng_state, stop_signals, usage_error)
 
 DEMO_PRIOR = os.path.join(data.ROOT, "assets", "demo", "prior_tiny.safetensors")
 LOSSES = diff2flow.LOSSES  # objective name (as recorded in the checkpoint) -> its loss
@@ -139,7 +139,7 @@ def check_config(cfg: TrainConfig):
     if cfg.ckpt in (DEMO_PRIOR, reflow.DEMO_TEACHER) and not os.path.exists(cfg.ckpt):
         fail(f"no --ckpt given and the demo model {os.path.relpath(cfg.ckpt)} is missing; pass --ckpt with an SD "
              "1.x/2.x checkpoint (or make the demo: toy/make_demo.sh)")
-    meta = file_metadata(cfg.ckpt) if os.path.isfile(cfg.ckpt) and cfg.ckpt.endswith(".safetensors") else {}
+    meta = sd.safetensors_metadata(cfg.ckpt) if os.path.isfile(cfg.ckpt) and cfg.ckpt.endswith(".safetensors") else {}
     cfg.resolution = cfg.resolution or int(meta.get("resolution", 512))
     cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else torch.get_num_threads())
     for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("save_every", 0),
