@@ -130,7 +130,7 @@ def check_config(cfg: TrainConfig):
         usage_error(f"unknown --preset {cfg.preset!r}: use one of {', '.join(PRESETS)}")
     p = PRESETS[cfg.preset]
     for k, v in p.items():
-        if hasattr(cfg, k) and getattr(cfg, k) is None:
+        if hasattr(cfg, k) and getattr(cfg, k) is None and k != "lr":
             setattr(cfg, k, v)
     cfg.lr = cfg.lr if cfg.lr is not None else p["lora_lr"] if cfg.lora else p["lr"]
     if not cfg.ckpt:

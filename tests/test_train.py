@@ -312,3 +312,15 @@ def test_help_gives_each_default_once_and_lists_the_presets(capsys):
     assert any(o.startswith("grad-accum") and "(default: 1)" in o for o in options)
     for name in train.PRESETS:
         assert f"\n  {name} " in text
+
+
+@pytest.mark.parametrize("argv, preset, lr", [
+    (["--data", "D"], "t2i-demo", 2e-4), (["--data", "D", "--lora", "small"], "t2i-demo", 1e-3),
+    (["--ckpt", "M", "--data", "D"], "t2i", 1e-5), (["--ckpt", "M", "--data", "D", "--lora", "16"], "t2i", 1e-4),
+    (["--task", "reflow", "--ckpt", "M", "--prompts", "P"], "reflow", 1e-4),  # reflow: LoRA small by default
+    (["--ckpt", "M", "--data", "D", "--lora", "16", "--lr", "3e-3"], "t2i", 3e-3),
+])
+def test_preset_learning_rate_follows_lora_and_flags_win(argv, preset, lr):
+    cfg = train.parse_args(argv)
+    train.check_config(cfg)
+    assert (cfg.preset, cfg.lr) == (preset, lr)
