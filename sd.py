@@ -28,6 +28,7 @@ import diffusers_format
 import lora
 import unet as unet_mod
 import vae as vae_mod
+from common import atomic_path
 from diffusers_format import LoadError, find_in_hf_cache, hf_cache_dir  # noqa: F401 (public through sd)
 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
@@ -378,7 +379,7 @@ def metadata(sd, **extra):
 
 
 def save(sd, path, dtype=None, base=None, **extra):
-    """Write the bundle as one original-layout .safetensors or .ckpt, atomically (temp file + rename).
+    """Write the bundle as one original-layout .safetensors or .ckpt, atomically (common.atomic_path).
 
     base: the checkpoint this one was fine-tuned from (a path relative to `path`, absolute, or a repo
     id). Then only the UNet is written and load() takes the VAE and text encoder from the base."""
@@ -386,12 +387,11 @@ def save(sd, path, dtype=None, base=None, **extra):
                for k, v in state_dict(sd).items() if not base or k.startswith(PREFIX["unet"])}
     if base:
         extra["base_model"] = base
-    tmp = f"{path}.tmp{os.getpid()}"
-    if path.endswith(".safetensors"):
-        save_file(tensors, tmp, metadata=metadata(sd, **extra))
-    else:
-        torch.save({"state_dict": tensors, "d2f_meta": metadata(sd, **extra)}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.endswith(".safetensors"):
+            save_file(tensors, tmp, metadata=metadata(sd, **extra))
+        else:
+            torch.save({"state_dict": tensors, "d2f_meta": metadata(sd, **extra)}, tmp)
 
 
 def create(unet="tiny", vae="tiny", text="tiny", version="sd1", prediction="v", alphas_cumprod=None):

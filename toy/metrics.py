@@ -51,9 +51,8 @@ def update_results(path, section: str, markdown: str):
         text = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic: a crash never leaves half a file
+    with common.atomic_path(str(path)) as tmp:  # a crash never leaves half a file
+        Path(tmp).write_text(text)
 
 
 # ---------------------------------------------------------------------------------- Frechet distance
