@@ -294,6 +294,7 @@ def cached_data(cfg, ds, bundle, env):
         if cache is None or cache["key"] != key:
             latents, context = build_cache(cfg, ds, bundle, env)
             cache = {"key": key, "latents": latents, "context": context}
+            os.makedirs(cfg.out, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save(cache, tmp)
     if env.world > 1:

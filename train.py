@@ -171,7 +171,7 @@ def objective_name(cfg):
     return "fm_dm_direction" if cfg.objective == "fm" and cfg.fm_time == "dm_direction" else cfg.objective
 
 
-# ----------------------------------------------------------------------------- state that survives a crash
+# ----------------------------------------------------------------------------- checkpoints, the final file
 
 def load_resume(cfg, path, world):
     """The state of --out/ckpt.pt, if it was trained with the settings that decide the trajectory."""
@@ -202,8 +202,6 @@ def save_checkpoint(run, step):
             torch.save(state, tmp)
     run.last_good = run.ckpt_path
 
-
-# ----------------------------------------------------------------------------- samples and outputs
 
 def save_final(run):
     """final.safetensors (EMA weights): what sample.py loads with no flags (objective, prediction, resolution in
@@ -248,16 +246,15 @@ def build(cfg, lora_cfg, makes, env, ddp):
     if state is None and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     bundle = load_model(cfg, env)
-    if env.master:
-        for make in makes:  # the demo's data, once
-            make()
-        os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+    for make in makes if env.master else ():  # the demo's data, once
+        make()
     if ddp:
         dist.barrier()
     try:
         task = TASKS[cfg.task](cfg, bundle, env)  # it may adapt the UNet (depth widens its first conv)
     except (data.DataError, depth.DepthError) as e:
         fail(str(e))
+    os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)  # the inputs are good: now the outputs
     unet = bundle.unet
     torch.manual_seed(cfg.seed + env.rank)  # LoRA's random init (DDP broadcasts rank 0's), then e.g. LoRA dropout
     lora.apply_lora(unet, lora_cfg) if lora_cfg else unet.requires_grad_(True)

@@ -296,6 +296,9 @@ def test_resolution_is_checked_before_anything_is_written(tiny, tmp_path):
         train.main(args(tiny, out, "--resolution", "40"))
     assert e.value.code == 2 and "multiple of 16 for this model (VAE factor 4 x UNet downsampling 4)" in str(e.value)
     assert not out.exists()
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.main([*args(tiny, out), "--data", str(tmp_path / "missing")])
+    assert not out.exists()
     if os.path.exists(train.DEMO_PRIOR):  # the demo preset: its synthetic data would be written first
         with pytest.raises(SystemExit, match="--resolution 40 must be a multiple of 16"):
             train.main(["--task", "t2i", "--resolution", "40", "--out", str(out)])
