@@ -29,11 +29,10 @@ sd.save(b, os.environ["DEST"] + "/d2f_tiny.safetensors", dtype=torch.float16, ba
 PY
 # 3. its reflow: python train.py --task reflow (4096 teacher pairs of d2f_tiny, 40 steps, CFG 4; then a LoRA rank 16;
 #    ~15 min), saved as an fp16 LoRA (< 1 MB) naming d2f_tiny as its base; sample.py's default demo model (4 steps,
-#    no CFG). Its teacher is assets/demo/d2f_tiny.safetensors (with --fast: the committed one). Its prompts: synth.py
-#    captions, each losing its size / position phrase with probability 0.3 (line j: synth.short_prompt(0, j)).
-python toy/synth.py --prompts runs/reflow/prompts.txt --n "$N_PAIRS" --seed 0
-python train.py --task reflow --out runs/reflow --prompts runs/reflow/prompts.txt --n-pairs "$N_PAIRS" "${FAST[@]}" \
-    ${FAST:+--teacher-steps 2}
+#    no CFG). Its teacher is assets/demo/d2f_tiny.safetensors (with --fast: the committed one). Its prompts (the
+#    reflow-demo preset's, made once under runs/data/): synth.py captions, each losing its size / position phrase
+#    with probability 0.3 (line j: synth.short_prompt(0, j)).
+python train.py --task reflow --out runs/reflow --n-pairs "$N_PAIRS" "${FAST[@]}" ${FAST:+--teacher-steps 2}
 python - <<'PY'
 import os
 from safetensors import safe_open
