@@ -16,8 +16,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unet import Conv2d, Linear
-
 # Target groups as patterns on the LDM module paths (UNet submodule names, prefix stripped).
 PATTERNS = {
     "attn1": r"\.attn1\.to_[qkv]$",  # self-attention q/k/v
@@ -97,7 +95,7 @@ class LoRALayer:
         self.merged = merged
 
 
-class LoRALinear(LoRALayer, Linear):
+class LoRALinear(LoRALayer, nn.Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout=0.0):
         # build the nn.Linear shell on meta (no allocation), then adopt base's Parameters
         super().__init__(base.in_features, base.out_features, base.bias is not None, device="meta")
@@ -106,7 +104,7 @@ class LoRALinear(LoRALayer, Linear):
                        rank, alpha, dropout)
 
 
-class LoRAConv2d(LoRALayer, Conv2d):
+class LoRAConv2d(LoRALayer, nn.Conv2d):
     def __init__(self, base: nn.Conv2d, rank: int, alpha=None, dropout=0.0):
         b = base
         assert b.groups == 1 and b.dilation == (1, 1), "LoRA supports plain convs only"
@@ -219,7 +217,7 @@ def _fit_first_conv(model: nn.Module, w):
     old = model.get_submodule(FIRST)
     if w is None or w.shape == old.weight.shape:
         return
-    new = Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
+    new = nn.Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
                     device=old.weight.device, dtype=old.weight.dtype)
     parent, _, leaf = FIRST.rpartition(".")
     setattr(model.get_submodule(parent), leaf, new)
