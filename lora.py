@@ -89,10 +89,10 @@ class LoRALayer:
         return d.view_as(self.weight) * (self.alpha / self.rank)
 
     @torch.no_grad()
-    def set_merged(self, merged: bool):
-        assert merged != self.merged, f"LoRA already {'merged' if merged else 'unmerged'}"
-        self.weight += self.delta() if merged else -self.delta()
-        self.merged = merged
+    def merge(self):
+        assert not self.merged, "LoRA already merged"
+        self.weight += self.delta()
+        self.merged = True
 
 
 class LoRALinear(LoRALayer, nn.Linear):
@@ -158,15 +158,11 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if is_lora_key(k) or k.startswith(full)}
 
 
-def merge_lora(model: nn.Module, merged: bool = True):
+def merge_lora(model: nn.Module):
     """W += scale * up @ down in every LoRA layer: inference at base speed, same outputs (dropout off)."""
     for m in model.modules():
         if isinstance(m, LoRALayer):
-            m.set_merged(merged)
-
-
-def unmerge_lora(model: nn.Module):
-    merge_lora(model, merged=False)
+            m.merge()
 
 
 def load_exact(model: nn.Module, sd: dict, expected, what: str):
@@ -179,11 +175,6 @@ def load_exact(model: nn.Module, sd: dict, expected, what: str):
     with torch.no_grad():
         for k, v in sd.items():
             state[k].copy_(v)
-
-
-def load_base(model: nn.Module, sd: dict):
-    """Load a base (LoRA-free) UNet checkpoint into a LoRA-wrapped model: only LoRA keys may be absent."""
-    load_exact(model, sd, [k for k in model.state_dict() if not is_lora_key(k)], "base checkpoint")
 
 
 def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra):

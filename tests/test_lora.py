@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 import cpu_fast
 import lora
-from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, from_kohya, load_base, load_lora,
-                  lora_rank, lora_state_dict, merge_lora, save_lora, to_kohya, unmerge_lora)
+from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, from_kohya, load_exact, load_lora, lora_rank,
+                  lora_state_dict, merge_lora, save_lora, to_kohya)
 from unet import PRESETS as UNET_PRESETS
 from unet import UNet
 
@@ -81,7 +81,7 @@ def test_every_group_hits_the_tiny_unet():
     assert "input_blocks.0.0" not in names and "out.2" not in names  # trained fully, never LoRA
 
 
-def test_base_keys_unchanged_and_load_base():
+def test_base_keys_unchanged_and_load_exact():
     base = tiny_unet()
     base_sd = base.state_dict()
     wrapped = tiny_unet(seed=5)
@@ -92,15 +92,16 @@ def test_base_keys_unchanged_and_load_base():
     assert any(k.endswith("attn1.to_q.lora_down.weight") for k in wsd)
     with pytest.raises(RuntimeError, match="Missing key"):  # plain strict=True fails on exactly the LoRA keys
         wrapped.load_state_dict(base_sd, strict=True)
-    load_base(wrapped, base_sd)
+    base_keys = [k for k in wsd if not lora.is_lora_key(k)]  # a base checkpoint into a LoRA-wrapped model
+    load_exact(wrapped, base_sd, base_keys, "base checkpoint")
     assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in base_sd.items())
     with torch.no_grad():
         assert torch.equal(wrapped(*inputs()), base(*inputs()))
     partial = {k: v for k, v in base_sd.items() if k != "out.2.bias"}
     with pytest.raises(KeyError, match=r"missing keys \['out.2.bias'\]"):
-        load_base(wrapped, partial)
+        load_exact(wrapped, partial, base_keys, "base checkpoint")
     with pytest.raises(KeyError, match="unexpected.*bogus"):
-        load_base(wrapped, {**base_sd, "bogus.weight": torch.zeros(1)})
+        load_exact(wrapped, {**base_sd, "bogus.weight": torch.zeros(1)}, base_keys, "base checkpoint")
 
 
 def test_gradients_only_on_lora_and_fully_trained():
@@ -115,7 +116,7 @@ def test_gradients_only_on_lora_and_fully_trained():
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_up.weight"))
 
 
-def test_merge_unmerge_exact():
+def test_merge_exact():
     model = tiny_unet()
     apply_lora(model, ALL)
     train_a_bit(model)
@@ -128,13 +129,8 @@ def test_merge_unmerge_exact():
         assert rel_err(y_merged, y) < 1e-5, f"merged vs LoRA output rel err {rel_err(y_merged, y):.2e} (tol 1e-5)"
         conv = model.get_submodule("input_blocks.1.0.in_layers.2")  # a 3x3 conv LoRA: 1x1 up x 3x3 down
         assert not torch.allclose(conv.weight, before["input_blocks.1.0.in_layers.2.weight"])
-        unmerge_lora(model)
-        after = model.state_dict()
-        err = max((after[k] - v).abs().max().item() for k, v in before.items())
-        assert err < 1e-5, f"unmerge restores the weights to {err:.2e} (tol 1e-5)"
-        assert rel_err(model(*inputs()), y) < 1e-5
-    with pytest.raises(AssertionError, match="already unmerged"):
-        unmerge_lora(model)
+    with pytest.raises(AssertionError, match="already merged"):
+        merge_lora(model)
 
 
 @pytest.mark.skipif(not cpu_fast.available(), reason="this PyTorch build has no oneDNN")
