@@ -16,8 +16,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unet import Conv2d, Linear
-
 # Target groups as patterns on the LDM module paths (UNet submodule names, prefix stripped).
 PATTERNS = {
     "attn1": r"\.attn1\.to_[qkv]$",  # self-attention q/k/v
@@ -106,13 +104,13 @@ class LoRALayer:
         return d.view_as(self.weight) * (self.alpha / self.rank)
 
     @torch.no_grad()
-    def set_merged(self, merged: bool):
-        assert merged != self.merged, f"LoRA already {'merged' if merged else 'unmerged'}"
-        self.weight += self.delta() if merged else -self.delta()
-        self.merged = merged
+    def merge(self):
+        assert not self.merged, "LoRA already merged"
+        self.weight += self.delta()
+        self.merged = True
 
 
-class LoRALinear(LoRALayer, Linear):
+class LoRALinear(LoRALayer, nn.Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha=None, dropout=0.0):
         # build the nn.Linear shell on meta (no allocation), then adopt base's Parameters
         super().__init__(base.in_features, base.out_features, base.bias is not None, device="meta")
@@ -121,7 +119,7 @@ class LoRALinear(LoRALayer, Linear):
                        rank, alpha, dropout)
 
 
-class LoRAConv2d(LoRALayer, Conv2d):
+class LoRAConv2d(LoRALayer, nn.Conv2d):
     def __init__(self, base: nn.Conv2d, rank: int, alpha=None, dropout=0.0):
         b = base
         assert b.groups == 1 and b.dilation == (1, 1), "LoRA supports plain convs only"
@@ -175,15 +173,11 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if is_lora_key(k) or k.startswith(full)}
 
 
-def merge_lora(model: nn.Module, merged: bool = True):
+def merge_lora(model: nn.Module):
     """W += scale * up @ down in every LoRA layer: inference at base speed, same outputs (dropout off)."""
     for m in model.modules():
         if isinstance(m, LoRALayer):
-            m.set_merged(merged)
-
-
-def unmerge_lora(model: nn.Module):
-    merge_lora(model, merged=False)
+            m.merge()
 
 
 def load_exact(model: nn.Module, sd: dict, expected, what: str):
@@ -196,11 +190,6 @@ def load_exact(model: nn.Module, sd: dict, expected, what: str):
     with torch.no_grad():
         for k, v in sd.items():
             state[k].copy_(v)
-
-
-def load_base(model: nn.Module, sd: dict):
-    """Load a base (LoRA-free) UNet checkpoint into a LoRA-wrapped model: only LoRA keys may be absent."""
-    load_exact(model, sd, [k for k in model.state_dict() if not is_lora_key(k)], "base checkpoint")
 
 
 def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra):
@@ -234,7 +223,7 @@ def _fit_first_conv(model: nn.Module, w):
     old = model.get_submodule(FIRST)
     if w is None or w.shape == old.weight.shape:
         return
-    new = Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
+    new = nn.Conv2d(w.shape[1], old.out_channels, old.kernel_size, old.stride, old.padding,
                     device=old.weight.device, dtype=old.weight.dtype)
     parent, _, leaf = FIRST.rpartition(".")
     setattr(model.get_submodule(parent), leaf, new)

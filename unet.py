@@ -44,80 +44,6 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
-# --- CPU inference fast paths (numbers: BENCHMARKS.md, "CPU fast paths in unet.py") -----------------------
-# PyTorch's eager CPU kernels leave speed on the table in two places that dominate the UNet. Both layers below
-# keep nn.Conv2d / nn.Linear's parameters (same keys), switch on only in CPU inference (no autograd recording,
-# not under torch.compile, fp32 or bf16), and otherwise are exactly their base class.
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-def _onednn_dtype(x: torch.Tensor):
-    """The dtype oneDNN would compute x's layer in (autocast's if on), or None where the base layer must run."""
-    if not _ONEDNN or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return dtype if dtype in (torch.float32, torch.bfloat16) else None
-
-
-class _WeightCache:
-    """Mixin: a derived copy of the weight (oneDNN-packed, or cast for autocast) and the bias, kept while they are
-    unchanged. In-place changes (optimizer step, LoRA merge) bump the tensors' _version; where a weight may be
-    replaced instead (.to()/.cuda(), load_state_dict(assign=True)) or copied (deepcopy, pickle: the packed
-    tensors are opaque) the cache is dropped."""
-    _cache = None  # (key, weight, bias)
-
-    def _cached(self, dtype, derive):
-        w, b = self.weight, self.bias
-        key = (dtype, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, derive(w.to(dtype)), None if b is None else b.to(dtype))
-        return self._cache[1:]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._cache = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_cache": None}
-
-
-class Conv2d(_WeightCache, nn.Conv2d):
-    """Caches oneDNN's packed (blocked) copy of a 3x3 conv's weight. F.conv2d re-packs the plain weight on every
-    call (under autocast it casts it first); for the 640/1280-channel convs at 16x16 and below that costs 2-8x
-    the convolution itself. The output comes back channels_last and stays so: GroupNorm, SiLU, cat and the
-    SpatialTransformer's flatten take it as is, and oneDNN then skips reordering activations too. Costs one more
-    copy of the 3x3 weights in memory (SD1.5: 2.2 GB in fp32, 1.1 GB in bf16; `Conv2d.pack = False` trades the
-    speed back)."""
-    pack = True
-
-    def forward(self, x):
-        dtype = _onednn_dtype(x)
-        # 1x1 convs are GEMMs PyTorch already runs well; oneDNN's packed op pads with zeros only
-        if not self.pack or dtype is None or self.kernel_size == (1, 1) or self.padding_mode != "zeros":
-            return super().forward(x)
-        w, b = self._cached(dtype, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            w, self.padding, self.stride, self.dilation, self.groups))
-        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), w, b, self.padding, self.stride, self.dilation,
-                                                       self.groups, "none", [], "")
-
-
-class Linear(_WeightCache, nn.Linear):
-    """Matmul through oneDNN with the bias fused: for fp32 instead of MKL's sgemm (6-32% faster on the UNet's
-    shapes), for bf16 instead of a matmul that first writes the broadcast bias into a fresh output. Under
-    autocast the bf16 copy of the weight is cached rather than cast on every call (SD1.5: 0.5 GB)."""
-
-    def forward(self, x):
-        dtype = _onednn_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        w, b = (self.weight, self.bias) if dtype == self.weight.dtype else self._cached(dtype, lambda w: w)
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), w, b, "none", [], "")
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """LDM sinusoidal embedding, [cos | sin] halves. t: (B,) float, may be fractional -> (B, dim)."""
     half = dim // 2
@@ -129,11 +55,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     def __init__(self, ch: int, out_ch: int, emb_ch: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), Conv2d(ch, out_ch, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_ch, out_ch))
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Identity(),
-                                        Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip_connection = nn.Identity() if ch == out_ch else Conv2d(ch, out_ch, 1)
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
     def forward(self, x, emb, context=None):
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]  # time shift broadcast over H, W
@@ -144,10 +70,10 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, ctx_dim: int, heads: int, dim_head: int, upcast: bool):
         super().__init__()
         self.heads, self.upcast = heads, upcast
-        self.to_q = Linear(dim, heads * dim_head, bias=False)
-        self.to_k = Linear(ctx_dim, heads * dim_head, bias=False)
-        self.to_v = Linear(ctx_dim, heads * dim_head, bias=False)
-        self.to_out = nn.Sequential(Linear(heads * dim_head, dim))  # LDM's to_out.1 is a weightless Dropout
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_k = nn.Linear(ctx_dim, heads * dim_head, bias=False)
+        self.to_v = nn.Linear(ctx_dim, heads * dim_head, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim))  # LDM's to_out.1 is a weightless Dropout
 
     def forward(self, x, context=None):  # x: (B, N, dim); context: (B, M, ctx_dim), None = self-attention
         ctx = x if context is None else context
@@ -166,7 +92,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = Linear(dim, inner * 2)  # value and gate halves in one matmul
+        self.proj = nn.Linear(dim, inner * 2)  # value and gate halves in one matmul
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -176,7 +102,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -204,11 +130,11 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.linear = cfg.use_linear_in_transformer
         self.norm = nn.GroupNorm(cfg.norm_groups, ch, eps=1e-6)  # LDM attention.Normalize: 1e-6, ResBlocks 1e-5
-        self.proj_in = Linear(ch, inner) if self.linear else Conv2d(ch, inner, 1)
+        self.proj_in = nn.Linear(ch, inner) if self.linear else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, cfg.context_dim, heads, dim_head, cfg.upcast_attention)
             for _ in range(cfg.transformer_depth))
-        self.proj_out = Linear(inner, ch) if self.linear else Conv2d(inner, ch, 1)
+        self.proj_out = nn.Linear(inner, ch) if self.linear else nn.Conv2d(inner, ch, 1)
 
     def forward(self, x, emb, context):
         H, W = x.shape[2:]
@@ -233,7 +159,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.op = Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -242,7 +168,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -268,9 +194,9 @@ class UNet(nn.Module):
         self.cfg = cfg
         self.grad_checkpointing = False
         mc, emb_ch, g = cfg.model_channels, 4 * cfg.model_channels, cfg.norm_groups
-        self.time_embed = nn.Sequential(Linear(mc, emb_ch), nn.SiLU(), Linear(emb_ch, emb_ch))
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
-        self.input_blocks = nn.ModuleList([EmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chs, ch, ds = [mc], mc, 1  # skip_chs: widths of the skips, popped by output_blocks
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -300,7 +226,7 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context):
         """x: (B, in_ch, H, W) latents; t: (B,) or scalar timesteps, fractional ok; context: (B, 77, ctx_dim).
@@ -316,4 +242,4 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context, ckpt)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, ckpt)
-        return self.out(h).contiguous()  # the CPU fast path's output is channels_last
+        return self.out(h).contiguous()  # cpu_fast.enable's packed convs answer channels_last

@@ -76,6 +76,13 @@ def random_unet(name: str):
     return random_init(ours.to_empty(device="cpu"))
 
 
+def fast(args, model):
+    """Ours with cpu_fast's CPU inference fast paths (packed conv weights, oneDNN Linears) unless --plain: the
+    paths only a CPU takes, so on CUDA this changes nothing. Never applied to the reference side."""
+    import cpu_fast
+    return model if args.plain else cpu_fast.enable(model)
+
+
 def unet_pair(name: str, ours=None):
     """Our UNet (random weights unless given) and diffusers' UNet2DConditionModel sharing the same weight
     tensors, the latter obtained through diffusers' own LDM checkpoint converter."""
@@ -144,7 +151,8 @@ def bench_unet(args):
     """UNet forward over --unets x --sizes x --batches x --precisions (batch 2 = one guided step)."""
     rows, cuda = [], args.device.startswith("cuda")
     for name in args.unets:
-        ours, ref = prepare(args, *unet_pair(name))  # channels_last: ours keeps it through its transformers
+        ours, ref = unet_pair(name)
+        ours, ref = prepare(args, fast(args, ours), ref)  # channels_last: ours keeps it through its transformers
         width = ours.cfg.context_dim
         for size in args.sizes:
             for batch in args.batches:
@@ -176,7 +184,7 @@ def bench_flops(args):
         with torch.device("meta"), FlopCounterMode(display=False) as counter:  # shapes only, nothing computed
             UNet(PRESETS[name])(torch.empty(b, 4, s, s), torch.empty(b), torch.empty(b, 77, width))
         flops = counter.get_total_flops()
-        (ours,) = prepare(args, random_unet(name).eval())
+        (ours,) = prepare(args, fast(args, random_unet(name).eval()))
         x, t = latents(args, b, s), torch.full((b,), 500.0, device=args.device)
         ctx = torch.randn(b, 77, width, device=args.device)
         secs = timed(args, [lambda: ours(x, t, ctx)], "bf16")[0]
@@ -203,23 +211,23 @@ KERNEL_SHAPES = {  # SD1.5 UNet layers: (conv in_ch, out_ch, latent side, batch)
 
 @benchmark("kernels")
 def bench_kernels(args):
-    """unet.py's CPU fast-path layers against the plain nn.Conv2d / nn.Linear on the same weights, one layer
-    at a time (what each fast path buys; the reference column here is PyTorch, not diffusers). CPU only: the
-    fast paths are CPU inference paths, so with --device cuda this benchmark has no rows."""
-    import unet
+    """cpu_fast's layers against the plain nn.Conv2d / nn.Linear on the same weights, one layer at a time (what
+    each fast path buys; the reference column here is PyTorch, not diffusers). CPU only: the fast paths are CPU
+    inference paths, so with --device cuda this benchmark has no rows."""
+    nn = torch.nn
     rows = []
     if args.device != "cpu":
         return rows
     for (cin, cout, side, batch) in KERNEL_SHAPES["conv"]:
-        fast = random_init(unet.Conv2d(cin, cout, 3, padding=1))
+        conv = fast(args, random_init(nn.Conv2d(cin, cout, 3, padding=1)))
         x = torch.randn(batch, cin, side, side)
         for precision in args.precisions:
-            s = timed(args, [lambda: fast(x), lambda: torch.nn.Conv2d.forward(fast, x)], precision)
+            s = timed(args, [lambda: conv(x), lambda: nn.Conv2d.forward(conv, x)], precision)
             rows.append((f"conv3x3 {batch}x{cin}x{side}x{side} -> {cout} {precision}", s[0] * 1e3, s[1] * 1e3, "ms"))
     for (n, cin, cout) in KERNEL_SHAPES["linear"]:
-        fast, x = random_init(unet.Linear(cin, cout)), torch.randn(n, cin)
+        linear, x = fast(args, random_init(nn.Linear(cin, cout))), torch.randn(n, cin)
         for precision in args.precisions:
-            s = timed(args, [lambda: fast(x), lambda: torch.nn.Linear.forward(fast, x)], precision)
+            s = timed(args, [lambda: linear(x), lambda: nn.Linear.forward(linear, x)], precision)
             rows.append((f"linear {n}x{cin} -> {cout} {precision}", s[0] * 1e3, s[1] * 1e3, "ms"))
     for (n, heads, d) in KERNEL_SHAPES["attention"]:  # unet.CrossAttention copies q, k, v to contiguous heads
         q, k, v = (torch.randn(2, n, heads * d).unflatten(-1, (heads, d)).transpose(1, 2) for _ in range(3))
@@ -330,7 +338,7 @@ def bench_sample(args):
     for m in (bundle.vae, bundle.text_encoder):
         m.to(args.device)
     pipe.to(args.device)
-    bundle.unet, pipe.unet = prepare(args, bundle.unet, pipe.unet)  # --compile / --channels-last: the UNets
+    bundle.unet, pipe.unet = prepare(args, fast(args, bundle.unet), pipe.unet)  # --compile / --channels-last
     model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, bundle.objective)
     prompt, s, precision = "a photo of an astronaut riding a horse on mars", args.sample_size, args.sample_precision
 
@@ -441,8 +449,8 @@ def main():
     parser.add_argument("--channels-last", action="store_true",
                         help="run the UNets and their inputs in torch.channels_last memory format (both sides)")
     parser.add_argument("--plain", action="store_true",
-                        help="turn off unet.py's CPU inference fast paths (packed conv weights, oneDNN Linear) "
-                             "to see what they buy")
+                        help="run ours without cpu_fast.enable's CPU inference fast paths (packed conv weights, "
+                             "oneDNN Linear) to see what they buy")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls; the best is reported (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     args = parser.parse_args()
@@ -463,14 +471,14 @@ def main():
     import diffusers
     import transformers
 
-    import unet
-    unet._ONEDNN = unet._ONEDNN and not args.plain
+    import cpu_fast
+    fast_on = cpu_fast.available() and not args.plain and not cuda
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
           f"python {platform.python_version()}")
     device = torch.cuda.get_device_name(args.device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
     print(f"device {device}, threads {torch.get_num_threads()}, best of {args.repeat} after {args.warmup} warm-up, "
-          f"unet.py CPU fast paths {'on' if unet._ONEDNN else 'off'}{', compiled' if args.compile else ''}"
+          f"CPU fast paths (cpu_fast.enable) {'on' if fast_on else 'off'}{', compiled' if args.compile else ''}"
           f"{', channels_last' if args.channels_last else ''}\n")
     rows = [row for name in names for row in BENCHMARKS[name](args)]
     print_table(rows)

@@ -1,3 +1,5 @@
+import copy
+import io
 import json
 from dataclasses import asdict
 
@@ -6,9 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cpu_fast
 import lora
-from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, from_kohya, load_base, load_lora,
-                  lora_rank, lora_state_dict, merge_lora, save_lora, to_kohya, unmerge_lora)
+from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, from_kohya, load_exact, load_lora, lora_rank,
+                  lora_state_dict, merge_lora, save_lora, to_kohya)
 from unet import PRESETS as UNET_PRESETS
 from unet import UNet
 
@@ -50,13 +53,24 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "cpu_fast"])
 @pytest.mark.parametrize("cfg", [ALL, PRESETS["base"], PRESETS["small"]], ids=["all", "base", "small"])
-def test_fresh_lora_is_identity(cfg):
+def test_fresh_lora_is_identity(cfg, fast):
+    """Exact, unmerged and merged, also with cpu_fast enabled on both models (the LoRA layers' base computation
+    then runs the same oneDNN kernels as the base model's layers) and under bf16 autocast."""
     base, wrapped = tiny_unet(), tiny_unet()
     names = apply_lora(wrapped, cfg)
     assert names and all(isinstance(wrapped.get_submodule(n), LoRALayer) for n in names)
+    if fast:
+        for m in (base, wrapped):
+            cpu_fast.enable(m)
+        assert all(cpu_fast.is_enabled(wrapped.get_submodule(n)) for n in names)
     with torch.no_grad():
         assert torch.equal(wrapped(*inputs()), base(*inputs())), "zero-init lora_up must change nothing (exact)"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(wrapped(*inputs()), base(*inputs())), "bf16: zero-init lora_up changes nothing"
+        merge_lora(wrapped)  # W += 0
+        assert torch.equal(wrapped(*inputs()), base(*inputs())), "a merged fresh LoRA changes nothing (exact)"
 
 
 def test_every_group_hits_the_tiny_unet():
@@ -67,7 +81,7 @@ def test_every_group_hits_the_tiny_unet():
     assert "input_blocks.0.0" not in names and "out.2" not in names  # trained fully, never LoRA
 
 
-def test_base_keys_unchanged_and_load_base():
+def test_base_keys_unchanged_and_load_exact():
     base = tiny_unet()
     base_sd = base.state_dict()
     wrapped = tiny_unet(seed=5)
@@ -78,15 +92,16 @@ def test_base_keys_unchanged_and_load_base():
     assert any(k.endswith("attn1.to_q.lora_down.weight") for k in wsd)
     with pytest.raises(RuntimeError, match="Missing key"):  # plain strict=True fails on exactly the LoRA keys
         wrapped.load_state_dict(base_sd, strict=True)
-    load_base(wrapped, base_sd)
+    base_keys = [k for k in wsd if not lora.is_lora_key(k)]  # a base checkpoint into a LoRA-wrapped model
+    load_exact(wrapped, base_sd, base_keys, "base checkpoint")
     assert all(torch.equal(wrapped.state_dict()[k], v) for k, v in base_sd.items())
     with torch.no_grad():
         assert torch.equal(wrapped(*inputs()), base(*inputs()))
     partial = {k: v for k, v in base_sd.items() if k != "out.2.bias"}
     with pytest.raises(KeyError, match=r"missing keys \['out.2.bias'\]"):
-        load_base(wrapped, partial)
+        load_exact(wrapped, partial, base_keys, "base checkpoint")
     with pytest.raises(KeyError, match="unexpected.*bogus"):
-        load_base(wrapped, {**base_sd, "bogus.weight": torch.zeros(1)})
+        load_exact(wrapped, {**base_sd, "bogus.weight": torch.zeros(1)}, base_keys, "base checkpoint")
 
 
 def test_gradients_only_on_lora_and_fully_trained():
@@ -101,7 +116,7 @@ def test_gradients_only_on_lora_and_fully_trained():
     assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_up.weight"))
 
 
-def test_merge_unmerge_exact():
+def test_merge_exact():
     model = tiny_unet()
     apply_lora(model, ALL)
     train_a_bit(model)
@@ -114,13 +129,36 @@ def test_merge_unmerge_exact():
         assert rel_err(y_merged, y) < 1e-5, f"merged vs LoRA output rel err {rel_err(y_merged, y):.2e} (tol 1e-5)"
         conv = model.get_submodule("input_blocks.1.0.in_layers.2")  # a 3x3 conv LoRA: 1x1 up x 3x3 down
         assert not torch.allclose(conv.weight, before["input_blocks.1.0.in_layers.2.weight"])
-        unmerge_lora(model)
-        after = model.state_dict()
-        err = max((after[k] - v).abs().max().item() for k, v in before.items())
-        assert err < 1e-5, f"unmerge restores the weights to {err:.2e} (tol 1e-5)"
-        assert rel_err(model(*inputs()), y) < 1e-5
-    with pytest.raises(AssertionError, match="already unmerged"):
-        unmerge_lora(model)
+    with pytest.raises(AssertionError, match="already merged"):
+        merge_lora(model)
+
+
+@pytest.mark.skipif(not cpu_fast.available(), reason="this PyTorch build has no oneDNN")
+def test_lora_layers_take_the_fast_path():
+    """A trained LoRA, unmerged and merged (enable before or after the merge, as sampling does), runs its base
+    computation through cpu_fast and stays within 1e-5 (relative) of the plain model; copies stay fast."""
+    model = tiny_unet()
+    apply_lora(model, ALL)
+    train_a_bit(model)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        want = plain(*inputs())
+        fast = cpu_fast.enable(model)(*inputs())
+        assert rel_err(fast, want) < 1e-5, f"fast vs plain LoRA rel err {rel_err(fast, want):.2e} (tol 1e-5)"
+        wrapped = [m for m in model.modules() if isinstance(m, LoRALayer)]
+        assert all(cpu_fast.is_enabled(m) for m in wrapped)
+        assert any(m._cache is not None for m in wrapped if isinstance(m, torch.nn.Conv2d)), "no packed LoRA conv"
+        merge_lora(model)  # in place: the packed weights must follow
+        merge_lora(plain)
+        want = plain(*inputs())
+        assert rel_err(model(*inputs()), want) < 1e-5
+        assert rel_err(cpu_fast.enable(plain)(*inputs()), want) < 1e-5  # merged first, then enabled
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+            assert all(cpu_fast.is_enabled(m) for m in twin.modules() if isinstance(m, LoRALayer))
+            assert torch.equal(twin(*inputs()), model(*inputs()))
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -8,8 +8,10 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from torch import nn
+
+import cpu_fast
 from helpers import randomize
-import unet as unet_module
 from unet import PRESETS, UNet, UNetConfig
 
 PARITY_ATOL = 1e-4
@@ -57,10 +59,12 @@ def to_diffusers(ours: UNet):
     return ref.eval()
 
 
-def check_parity(cfg: UNetConfig, size: int, atol: float):
+def check_parity(cfg: UNetConfig, size: int, atol: float, fast: bool):
     torch.manual_seed(0)
     ours = random_ours(cfg)
     ref = to_diffusers(ours)
+    if fast:  # through cpu_fast's oneDNN layers, as sampling on a CPU runs
+        cpu_fast.enable(ours)
     x = torch.randn(2, cfg.in_channels, size, size)
     t = torch.tensor([999.0, 412.37])
     ctx = torch.randn(2, 77, cfg.context_dim)
@@ -123,7 +127,7 @@ def test_keys_match_ldm_checkpoint(preset):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["sd15", "sd21"])
 def test_parity_full(preset):
-    check_parity(PRESETS[preset], size=32, atol=PARITY_ATOL)
+    check_parity(PRESETS[preset], size=32, atol=PARITY_ATOL, fast=True)
 
 
 # ---- tiny config: fast checks of the same code path --------------------------------------------
@@ -131,8 +135,9 @@ def test_parity_full(preset):
 TINY = PRESETS["tiny"]
 
 
-def test_parity_tiny():
-    check_parity(TINY, size=16, atol=PARITY_ATOL)
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "cpu_fast"])
+def test_parity_tiny(fast):
+    check_parity(TINY, size=16, atol=PARITY_ATOL, fast=fast)
 
 
 def test_norm_eps_matches_ldm():
@@ -216,29 +221,71 @@ def test_channels_last_and_upcast_match():
             assert up(x, t, ctx).isfinite().all()
 
 
-# --- the CPU inference fast paths (unet.Conv2d's packed weights, unet.Linear through oneDNN) -------------------
+# --- the CPU inference fast paths (cpu_fast.enable: packed conv weights, Linears through oneDNN) ---------------
+
+needs_onednn = pytest.mark.skipif(not cpu_fast.available(), reason="this PyTorch build has no oneDNN")
+
 
 def _fast_and_base(model, *args, monkeypatch):
-    """(output with the oneDNN fast paths, output with plain nn.Conv2d / nn.Linear), both under no_grad."""
+    """(output with the oneDNN fast paths, output with plain nn.Conv2d / nn.Linear), both under no_grad. The
+    plain run switches oneDNN off rather than calling disable, so the fast layers keep their caches."""
     with torch.no_grad():
         fast = model(*args)
         with monkeypatch.context() as m:
-            m.setattr(unet_module, "_ONEDNN", False)
+            m.setattr(cpu_fast, "_ONEDNN", False)
             base = model(*args)
     return fast, base
 
 
 def _packed_convs(model):
-    return [m for m in model.modules() if isinstance(m, unet_module.Conv2d) and m._cache is not None]
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d) and cpu_fast.is_enabled(m) and m._cache is not None]
 
 
-@pytest.mark.skipif(not unet_module._ONEDNN, reason="this PyTorch build has no oneDNN")
+def _onednn_calls(model, *args) -> dict:
+    """How often one no-grad forward calls oneDNN's packed conv and its linear, by op name."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(*args)
+    ops = ("mkldnn::_convolution_pointwise", "mkldnn::_linear_pointwise")
+    return {op: sum(e.count for e in prof.key_averages() if e.key == op) for op in ops}
+
+
+@needs_onednn
+def test_enable_switches_every_layer_and_disable_undoes_it():
+    """A no-op enable would fail here: every Conv2d/Linear changes class, and the forward calls oneDNN's ops
+    once per 3x3 conv and per Linear; the parameters (the very tensors) and state-dict keys stay."""
+    model, plain = random_ours(TINY), random_ours(TINY)
+    args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
+    params, keys = dict(model.named_parameters()), list(model.state_dict())
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert _onednn_calls(model, *args) == dict.fromkeys(["mkldnn::_convolution_pointwise",
+                                                         "mkldnn::_linear_pointwise"], 0)
+    assert cpu_fast.enable(model) is model
+    assert all(cpu_fast.is_enabled(m) and type(m) is not nn.Conv2d and type(m) is not nn.Linear for m in layers)
+    assert all(isinstance(m, (nn.Conv2d, nn.Linear)) for m in layers)  # still the base classes for isinstance
+    assert all(model.get_parameter(n) is p for n, p in params.items()) and list(model.state_dict()) == keys
+    convs3 = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in layers)
+    linears = sum(isinstance(m, nn.Linear) for m in layers)
+    assert _onednn_calls(model, *args) == {"mkldnn::_convolution_pointwise": convs3,
+                                           "mkldnn::_linear_pointwise": linears}
+    cpu_fast.enable(model)  # idempotent
+    assert _onednn_calls(model, *args)["mkldnn::_convolution_pointwise"] == convs3
+    assert cpu_fast.disable(model) is model
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in layers) and not _packed_convs(model)
+    assert sum(_onednn_calls(model, *args).values()) == 0
+    with torch.no_grad():
+        assert torch.equal(model(*args), plain(*args))
+
+
+@needs_onednn
 def test_cpu_fast_path_equals_base_layers(monkeypatch):
-    model = random_ours(TINY)
+    model, plain = random_ours(TINY), random_ours(TINY)
+    cpu_fast.enable(model)
     x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 600.0]), torch.randn(2, 77, 128)
     fast, base = _fast_and_base(model, x, t, ctx, monkeypatch=monkeypatch)
     assert _packed_convs(model), "the fast path was not taken"
     assert fast.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(base, plain(x, t, ctx)), "with oneDNN off, the fast layers are exactly the plain ones"
     torch.testing.assert_close(fast, base, rtol=0, atol=1e-5)  # fp32: only the summation order differs
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast16, base16 = _fast_and_base(model, x, t, ctx, monkeypatch=monkeypatch)
@@ -247,11 +294,22 @@ def test_cpu_fast_path_equals_base_layers(monkeypatch):
     assert err_fast <= 2 * err_base + 1e-3, f"bf16 fast path error {err_fast:.3g} vs plain bf16 {err_base:.3g}"
 
 
-@pytest.mark.skipif(not unet_module._ONEDNN, reason="this PyTorch build has no oneDNN")
+@needs_onednn
+def test_enable_convs_false_keeps_convs_plain(monkeypatch):
+    model = cpu_fast.enable(random_ours(TINY), convs=False)
+    args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
+    assert not any(cpu_fast.is_enabled(m) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert all(cpu_fast.is_enabled(m) for m in model.modules() if isinstance(m, nn.Linear))
+    fast, base = _fast_and_base(model, *args, monkeypatch=monkeypatch)
+    assert not _packed_convs(model)
+    torch.testing.assert_close(fast, base, rtol=0, atol=1e-5)
+
+
+@needs_onednn
 def test_cpu_fast_path_follows_weight_changes(monkeypatch):
     """The packed cache must never serve stale weights: in-place edits (an optimizer step, a LoRA merge),
     load_state_dict by copy and by assignment, and dtype round trips all show up in the next output."""
-    model, other = random_ours(TINY, seed=0), random_ours(TINY, seed=1)
+    model, other = cpu_fast.enable(random_ours(TINY, seed=0)), random_ours(TINY, seed=1)
     args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
 
     def check():
@@ -278,7 +336,7 @@ def test_cpu_fast_path_follows_weight_changes(monkeypatch):
 
 
 def test_cpu_fast_path_leaves_training_and_copies_alone():
-    model = random_ours(TINY)
+    model = cpu_fast.enable(random_ours(TINY))
     args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
     model(*args).sum().backward()  # autograd recording: base layers only
     assert not _packed_convs(model)
@@ -286,16 +344,25 @@ def test_cpu_fast_path_leaves_training_and_copies_alone():
         out = model(*args)
     twin = copy.deepcopy(model)  # opaque oneDNN tensors cannot be copied: the cache is left behind
     assert not _packed_convs(twin)
-    torch.save(model, io.BytesIO())  # pickling the module goes through the same __getstate__
-    with torch.no_grad():
-        torch.testing.assert_close(twin(*args), out, rtol=0, atol=1e-5)
+    buf = io.BytesIO()
+    torch.save(model, buf)  # pickling the module goes through the same __getstate__
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert not _packed_convs(loaded)
+    for copied in (twin, loaded):  # the copies are fast too (their layers' classes rebuilt by cpu_fast)
+        assert all(cpu_fast.is_enabled(m) for m in copied.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        with torch.no_grad():
+            torch.testing.assert_close(copied(*args), out, rtol=0, atol=1e-5)
+        assert _packed_convs(copied) or not cpu_fast.available()
 
 
 def test_compiled_graph_uses_plain_layers():
     """Under torch.compile the fast paths step aside (no Python-side cache in the graph): one whole graph,
     same output. aot_eager traces like inductor does without needing a C++ toolchain."""
-    model = random_ours(TINY)
+    model = cpu_fast.enable(random_ours(TINY))
     args = torch.randn(1, 4, 16, 16), torch.tensor([300.0]), torch.randn(1, 77, 128)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(*args), model(*args), rtol=0, atol=1e-5)
+        out = compiled(*args)
+        assert not _packed_convs(model), "the compiled graph packed weights"
+        torch.testing.assert_close(out, model(*args), rtol=0, atol=1e-5)
