@@ -54,6 +54,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+import cpu_fast
 import diff2flow
 import sd
 from common import DefaultsOnce, atomic_path, fail, one_line_warnings, open_rgb, rgb_array, usage_error
@@ -400,6 +401,8 @@ def load_model(ckpt, device="cpu"):
         check_depth_model(bundle, ckpt or DEMO)
     except (sd.LoadError, DepthError, OSError) as e:
         fail(str(e))
+    if device == "cpu":  # inference only: the CPU fast paths (cpu_fast.py)
+        cpu_fast.enable(bundle.unet)
     return bundle
 
 

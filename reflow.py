@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -47,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import cpu_fast
 import diff2flow
 import sd
 from common import DefaultsOnce, atomic_path, fail, usage_error
@@ -137,6 +137,8 @@ def generate_pairs(bundle, folder, spec, n, prompt_list, rank=0, world=1, device
     shape = latent_shape(bundle, spec.resolution)
     dtype = storage_dtype(shape)
     bundle.unet.eval()
+    if device == "cpu":  # the teacher's inference
+        cpu_fast.enable(bundle.unet)
     model = diff2flow.velocity_model(bundle.unet, bundle.alphas_cumprod, bundle.prediction, bundle.objective)
     uncond = bundle.encode_prompt([""])
     for i in tqdm(todo, desc=f"teacher pairs ({spec.steps} steps, cfg {spec.cfg})", disable=not progress,

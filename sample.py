@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+import cpu_fast
 import diff2flow
 import lora
 import sd
@@ -158,6 +159,8 @@ def main(argv=None):
     prompts = read_prompts(args)
     dtype = DTYPES[args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     bundle = load_model(args, dtype)
+    if args.device == "cpu":  # after the LoRA merge, before any torch.compile
+        cpu_fast.enable(bundle.unet)
     if args.threads or (args.device == "cpu" and sum(p.numel() for p in bundle.unet.parameters()) < 50e6):
         torch.set_num_threads(args.threads or 1)
     meta = bundle.meta

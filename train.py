@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cpu_fast
 import data
 import depth
 import diff2flow
@@ -167,10 +168,6 @@ def check_config(cfg: TrainConfig):
     return lora_cfg, [m for m in (make_data, make_prompts) if m]
 
 
-def objective_name(cfg):
-    return "fm_dm_direction" if cfg.objective == "fm" and cfg.fm_time == "dm_direction" else cfg.objective
-
-
 # ----------------------------------------------------------------------------- checkpoints, the final file
 
 def load_resume(cfg, path, world):
@@ -261,6 +258,8 @@ def build(cfg, lora_cfg, makes, env, ddp):
     unet.train().grad_checkpointing = cfg.grad_checkpointing
     if cfg.grad_checkpointing and env.device == "cpu":
         return_freed_memory()
+    if env.device == "cpu":  # the sample grids run the CPU fast paths (training itself, the plain layers)
+        cpu_fast.enable(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.startswith("cuda"))
     if state is not None:
@@ -274,8 +273,9 @@ def build(cfg, lora_cfg, makes, env, ddp):
     if ema and state is not None:
         ema.load_state_dict(state["ema"])
     start, data_pos = (state["step"], state["data_position"]) if state else (0, 0)
+    objective = "fm_dm_direction" if cfg.objective == "fm" and cfg.fm_time == "dm_direction" else cfg.objective
     run = SimpleNamespace(cfg=cfg, env=env, ddp=ddp, bundle=bundle, data=task, unet=unet, model=model, params=params,
-                          lora_cfg=lora_cfg, opt=opt, ema=ema, ckpt_path=ckpt_path, objective=objective_name(cfg),
+                          lora_cfg=lora_cfg, opt=opt, ema=ema, ckpt_path=ckpt_path, objective=objective,
                           G=cfg.batch_size * cfg.grad_accum * env.world, start=start, data_pos=data_pos,
                           last_good=ckpt_path if state else "none (no checkpoint written yet)")
     return run, state

@@ -10,14 +10,23 @@ inside this script's functions: it is the yardstick, never a dependency of the c
     python bench.py --device cuda --compile --channels-last --sizes 64 --batches 1,2,8   # on a GPU
 """
 import argparse
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
-import os
-import sys
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
-
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
+import clip_text  # noqa: E402
+import cpu_fast  # noqa: E402
+import diff2flow  # noqa: E402
+import sd  # noqa: E402
+import unet  # noqa: E402
+import vae  # noqa: E402
+from sample import to_uint8  # noqa: E402
 
 BENCHMARKS = {}  # name -> fn(args) -> list of (what, ours, reference, unit)
 
@@ -70,16 +79,14 @@ UNET_CONFIGS = {  # diffusers UNet2DConditionModel configs of our PRESETS (as in
 
 def random_unet(name: str):
     """Our UNet at a preset, seeded random weights, on the CPU."""
-    from unet import PRESETS, UNet
     with torch.device("meta"):
-        ours = UNet(PRESETS[name])
+        ours = unet.UNet(unet.PRESETS[name])
     return random_init(ours.to_empty(device="cpu"))
 
 
 def fast(args, model):
     """Ours with cpu_fast's CPU inference fast paths (packed conv weights, oneDNN Linears) unless --plain: the
     paths only a CPU takes, so on CUDA this changes nothing. Never applied to the reference side."""
-    import cpu_fast
     return model if args.plain else cpu_fast.enable(model)
 
 
@@ -176,13 +183,12 @@ def bench_flops(args):
     (the GPU target: >= 0.5). FLOPs are counted once on the meta device (convolutions, matmuls, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from unet import PRESETS, UNet
     b, s, n = args.flops_batch, args.flops_size, args.matmul_size
     rows = []
     for name in args.unets:
-        width = PRESETS[name].context_dim
+        width = unet.PRESETS[name].context_dim
         with torch.device("meta"), FlopCounterMode(display=False) as counter:  # shapes only, nothing computed
-            UNet(PRESETS[name])(torch.empty(b, 4, s, s), torch.empty(b), torch.empty(b, 77, width))
+            unet.UNet(unet.PRESETS[name])(torch.empty(b, 4, s, s), torch.empty(b), torch.empty(b, 77, width))
         flops = counter.get_total_flops()
         (ours,) = prepare(args, fast(args, random_unet(name).eval()))
         x, t = latents(args, b, s), torch.full((b,), 500.0, device=args.device)
@@ -245,10 +251,9 @@ def vae_pair(ours=None):
     from diffusers import AutoencoderKL as DAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from vae import PRESETS, AutoencoderKL
     if ours is None:
         with torch.device("meta"):
-            ours = AutoencoderKL(PRESETS["sd"])
+            ours = vae.AutoencoderKL(vae.PRESETS["sd"])
         random_init(ours.to_empty(device="cpu"))
     config = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                   up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
@@ -279,28 +284,26 @@ def text_pair(ours=None):
     """Our SD1 text encoder and transformers' CLIPTextModel on the same weights."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from clip_text import PRESETS, TextEncoder
     if ours is None:
         with torch.device("meta"):
-            ours = TextEncoder(PRESETS["sd1"])
+            ours = clip_text.TextEncoder(clip_text.PRESETS["sd1"])
         random_init(ours.to_empty(device="cpu"))
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
     with torch.device("meta"):
         ref = CLIPTextModel(cfg)
-    sd = ours.state_dict()
+    state = ours.state_dict()
     if not any(k.startswith("text_model.") for k in ref.state_dict()):  # transformers >= 5.6 dropped it
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    ref.load_state_dict(sd, strict=True, assign=True)
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    ref.load_state_dict(state, strict=True, assign=True)
     return ours.eval(), ref.eval()
 
 
 @benchmark("text")
 def bench_text(args):
     """SD1 text encoding of 2 prompts (prompt + negative, as one guided sampling needs), tokenizing included."""
-    from clip_text import Tokenizer
     ours, ref = (m.to(args.device) for m in text_pair())
-    tok, prompts = Tokenizer(), ["a photo of an astronaut riding a horse on mars", ""]
+    tok, prompts = clip_text.Tokenizer(), ["a photo of an astronaut riding a horse on mars", ""]
     rows = []
     ids = lambda: tok(prompts).to(args.device)  # noqa: E731
     for precision in args.precisions:
@@ -313,14 +316,13 @@ def sd15_bundle_and_pipeline():
     """Our SD1.5 bundle (eps) and a diffusers StableDiffusionPipeline (DDIM) on the same random weights."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    import sd
     bundle = sd.create(unet="sd15", vae="sd", text="sd1", version="sd1", prediction="eps")
     for m in (bundle.unet, bundle.vae, bundle.text_encoder):
         random_init(m).eval()
-    unet, vae, text = unet_pair("sd15", bundle.unet)[1], vae_pair(bundle.vae)[1], text_pair(bundle.text_encoder)[1]
+    d_unet, d_vae, d_text = unet_pair("sd15", bundle.unet)[1], vae_pair(bundle.vae)[1], text_pair(bundle.text_encoder)[1]
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+    pipe = StableDiffusionPipeline(vae=d_vae, text_encoder=d_text, tokenizer=None, unet=d_unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return bundle, pipe
@@ -332,8 +334,6 @@ def bench_sample(args):
     Ours: sd.encode_prompt + diff2flow.sample_euler on the FlowModel + sample.to_uint8. diffusers:
     StableDiffusionPipeline (DDIM) given the CLIPTextModel embeddings of our tokenizer's ids (its tokenizer
     needs vocab files from the Hub; tokenizing is < 1 ms either way)."""
-    import diff2flow
-    from sample import to_uint8
     bundle, pipe = sd15_bundle_and_pipeline()
     for m in (bundle.vae, bundle.text_encoder):
         m.to(args.device)
@@ -389,16 +389,13 @@ print(base, hwm())
 @benchmark("load")
 def bench_load(args):
     """Peak RSS of sd.load on a full-size SD1.5 single file, against the file's size (target <= 1.3x)."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    rows, root = [], os.path.dirname(os.path.abspath(__file__))
+    rows, here = [], os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(here), here])}  # sd, and bench itself
     for file_dtype, load_dtype in [("float16", "float16"), ("float32", "float32"), ("float32", "bfloat16")]:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "sd15.safetensors")
-            subprocess.run([sys.executable, "-c", _WRITE, path, file_dtype], check=True, cwd=root)
-            out = subprocess.run([sys.executable, "-c", _LOAD, path, load_dtype], check=True, cwd=root,
+            subprocess.run([sys.executable, "-c", _WRITE, path, file_dtype], check=True, env=env)
+            out = subprocess.run([sys.executable, "-c", _LOAD, path, load_dtype], check=True, env=env,
                                  capture_output=True, text=True).stdout.split()
             size = os.path.getsize(path) / 2**20
         base, peak = int(out[0]) / 1024, int(out[1]) / 1024
@@ -420,7 +417,7 @@ def print_table(rows):
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated benchmarks to run, from: {', '.join(BENCHMARKS)} (default: all)")
@@ -453,6 +450,11 @@ def main():
                              "oneDNN Linear) to see what they buy")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls; the best is reported (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(names) - set(BENCHMARKS)
@@ -468,10 +470,8 @@ def main():
     args.matmul_size = args.matmul_size or (8192 if cuda else 2048)
     torch._dynamo.config.cache_size_limit = 64  # --compile: one graph per shape x precision, all kept
 
-    import diffusers
+    import diffusers  # the oracles: test-only packages, imported once the arguments are good
     import transformers
-
-    import cpu_fast
     fast_on = cpu_fast.available() and not args.plain and not cuda
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
