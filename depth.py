@@ -254,7 +254,7 @@ class PairDataset:
         self.root = os.fspath(root)
         rgb = os.path.join(self.root, "rgb")
         if not os.path.isdir(rgb) or not os.path.isdir(os.path.join(self.root, "depth")):
-            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python scenes.py --out DIR writes one)")
+            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python toy/scenes.py --out DIR writes one)")
         names = sorted(f for f in os.listdir(rgb) if f.lower().endswith(IMAGE_EXTS))
         self.items = [(os.path.join(rgb, f), self._depth_file(os.path.splitext(f)[0])) for f in names]
         missing = [os.path.basename(r) for r, d in self.items if d is None]

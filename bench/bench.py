@@ -5,9 +5,9 @@ Each benchmark is a function registered with @benchmark("name"); it returns tabl
 (what, ours, reference, unit) and `--only name[,name]` selects which run. diffusers is imported only
 inside this script's functions: it is the yardstick, never a dependency of the core modules.
 
-    flock /tmp/heavy.lock python bench.py                 # everything at the defaults, 2 threads
-    flock /tmp/heavy.lock python bench.py --only unet --unets sd15 --sizes 64 --batches 2 --precisions fp32
-    python bench.py --device cuda --compile --channels-last --sizes 64 --batches 1,2,8   # on a GPU
+    flock /tmp/heavy.lock python bench/bench.py                 # everything at the defaults, 2 threads
+    flock /tmp/heavy.lock python bench/bench.py --only unet --unets sd15 --sizes 64 --batches 2 --precisions fp32
+    python bench/bench.py --device cuda --compile --channels-last --sizes 64 --batches 1,2,8   # on a GPU
 """
 import argparse
 import os

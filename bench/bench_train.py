@@ -10,9 +10,9 @@
 A step is forward + backward + AdamW on random latents and text context: the VAE and text encoder are the
 same for every objective (and cached with train.py --cache), so they are left out.
 
-    flock /tmp/heavy.lock python bench_train.py                                        # tiny UNet
-    flock /tmp/heavy.lock python bench_train.py --unet sd15 --channels 128 --size 32    # SD1.5 layout, narrower
-    flock /tmp/heavy.lock python bench_train.py --unet sd15 --channels 64 --size 64 --batch 1 --checkpointing
+    flock /tmp/heavy.lock python bench/bench_train.py                                        # tiny UNet
+    flock /tmp/heavy.lock python bench/bench_train.py --unet sd15 --channels 128 --size 32    # SD1.5 layout, narrower
+    flock /tmp/heavy.lock python bench/bench_train.py --unet sd15 --channels 64 --size 64 --batch 1 --checkpointing
 
 train_rows(args) returns bench.py rows (what, ours, reference, unit): ours/ref is the ratio asked for.
 """
