@@ -49,7 +49,7 @@ from tqdm import tqdm
 import cpu_fast
 import diff2flow
 import sd
-from common import DefaultsOnce, atomic_path, fail, usage_error
+from common import DefaultsOnce, atomic_path, fail, one_line_warnings, usage_error
 from data import TaskData, batch_indices, text_grid
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -240,6 +240,7 @@ def cmd_pairs(a):
 
 
 def main(argv=None):
+    one_line_warnings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     fmt = dict(formatter_class=DefaultsOnce)
