@@ -89,6 +89,9 @@ def _fsync_dir(path):
 class DiskFull(OSError):
     """A write that ran out of space: str() is one line, `no space left on device (N MB needed, M free)`."""
 
+    def __str__(self):
+        return self.strerror
+
 
 def free_bytes(path):
     return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
