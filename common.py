@@ -320,8 +320,12 @@ def checksums(state):
 
 
 def _kept(path):
+    """ROOT-STEP.EXT beside `path`, oldest first."""
     root, ext = os.path.splitext(path)
-    return sorted(glob.glob(glob.escape(root) + "-" + "[0-9]" * 6 + ext))
+    step = re.compile(re.escape(os.path.basename(root)) + r"-(\d{6,})" + re.escape(ext))
+    found = [(int(m[1]), p) for p in glob.glob(glob.escape(root) + "-*" + ext)
+             if (m := step.fullmatch(os.path.basename(p)))]
+    return [p for _, p in sorted(found)]
 
 
 def save_checkpoint_file(state, path, keep=2):
@@ -350,10 +354,10 @@ def save_checkpoint_file(state, path, keep=2):
 def _others(path):
     same = os.stat(path) if os.path.exists(path) else None
     others = [p for p in _kept(path) if not (same and os.path.samestat(os.stat(p), same))]
-    name = os.path.basename(path)
     if not others:
         return "; no older checkpoint is kept: start again without --resume, in a new --out"
-    return f"; older ones kept: {', '.join(map(os.path.basename, others))}: copy one over {name} to resume from it"
+    return (f"; kept: {', '.join(map(os.path.basename, others))}; to resume from one of them: "
+            f"ln -f {others[-1]} {path}")
 
 
 def load_checkpoint_file(path, required=()):

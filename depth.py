@@ -57,7 +57,8 @@ from tqdm import tqdm
 import cpu_fast
 import diff2flow
 import sd
-from common import DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, rgb_array, usage_error
+from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, remove_stale_temps,
+                    rgb_array, usage_error)
 from data import TaskData, batch_indices
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -477,6 +478,7 @@ def main(argv=None):
     bundle = load_model(a.ckpt, a.device)
     context = bundle.encode_prompt([""])
     os.makedirs(a.out, exist_ok=True)
+    remove_stale_temps(a.out)  # the temp files of killed writers (dead pids only)
     res = a.processing_res or int(bundle.meta.get("resolution", 64))
     info = {"model": bundle.name, "objective": bundle.objective, "steps": a.steps, "ensemble": a.ensemble,
             "seed": a.seed, "processing_res": res, "depth": "relative log depth r in [0, 1], 0 = near",

@@ -21,7 +21,8 @@ import cpu_fast
 import diff2flow
 import lora
 import sd
-from common import DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, usage_error
+from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, remove_stale_temps,
+                    usage_error)
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO = os.path.join(DEMO_DIR, "reflow_tiny.safetensors")  # the demo's reflowed model: 4 steps, no CFG (reflow.py)
@@ -189,6 +190,7 @@ def main(argv=None):
     uncond = bundle.encode_prompt([args.negative]) if cfg != 1 else None  # cfg 1: no unconditional pass
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.n)]  # (prompt index, seed)
     os.makedirs(args.out, exist_ok=True)
+    remove_stale_temps(args.out)  # the temp files of killed writers (dead pids only)
     paths = []
     for b in range(0, len(jobs), args.batch):
         batch = jobs[b:b + args.batch]

@@ -37,9 +37,9 @@ import diff2flow
 import lora
 import reflow
 import sd
-from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, dataclass_parser, fail, load_checkpoint_file,
-                    one_line_warnings, open_log, remove_stale_temps, return_freed_memory, rng_state, save_checkpoint_file,
-                    seed_all, set_rng_state, stop_signals, usage_error)
+from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, dataclass_parser, fail,
+                    load_checkpoint_file, one_line_warnings, open_log, remove_stale_temps, return_freed_memory, rng_state,
+                    save_checkpoint_file, seed_all, set_rng_state, stop_signals, usage_error)
 
 DEMO_PRIOR = os.path.join(data.ROOT, "assets", "demo", "prior_tiny.safetensors")
 LOSSES = diff2flow.LOSSES  # objective name (as recorded in the checkpoint) -> its loss
