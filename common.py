@@ -97,11 +97,15 @@ def free_bytes(path):
     return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
 
 
-def _disk_full(e, path, need):
-    """The error to raise for a failed write: DiskFull if it was (or looks like) ENOSPC, else e itself. torch.save
-    reports a full disk as RuntimeError `unexpected pos` or `iostream error`, never as ENOSPC."""
-    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (isinstance(e, RuntimeError) and (
-        "unexpected pos" in str(e) or "iostream error" in str(e) or "file write failed" in str(e)))
+FULL_DISK_WORDS = ("No space left", "os error 28", "unexpected pos", "iostream error", "file write failed",
+                   "requested and")  # safetensors, torch.save (RuntimeError), np.save (OSError without errno)
+
+
+def _disk_full(e, path, need, was_free=None):
+    """The error to raise for a failed write: DiskFull if it was (or looks like) ENOSPC, else e itself. Only some
+    writers say ENOSPC; `was_free` (bytes free when it failed) under 1 MB counts as full too."""
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(w in str(e) for w in FULL_DISK_WORDS) \
+        or (was_free is not None and was_free < 2**20)
     if not full:
         return e
     free = free_bytes(path)
@@ -128,10 +132,11 @@ def atomic_path(path, need=0):
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # safetensors' SafetensorError is no OSError
+        was_free = free_bytes(path)
         if os.path.exists(tmp):  # first: the space it holds is what the message counts
             os.remove(tmp)
-        err = _disk_full(e, path, need)
+        err = _disk_full(e, path, need, was_free)
         if err is e:
             raise
         raise err from None

@@ -234,19 +234,31 @@ def test_divergence_rule_does_not_fire_on_normal_training(tiny, tmp_path):
 # ----------------------------------------------------------------------------- disk full, temp files, fsync
 
 DISK_FULL = r"""
-import os, sys, torch
+import os, sys, numpy as np, torch
+from safetensors.torch import save_file
 sys.path.insert(0, {root!r})
 import common
 d = sys.argv[1]
 p = os.path.join(d, "ckpt.pt")
 common.save_checkpoint_file({{"step": 1, "w": torch.ones(1000)}}, p)
-for what in ("precheck", "write"):
-    if what == "write":  # the estimate passes; the write itself fails
-        common.free_bytes = lambda path: 10**9
+try:
+    common.save_checkpoint_file({{"step": 2, "w": torch.ones(400_000)}}, p)
+except common.DiskFull as e:
+    print("precheck |", e)
+free = common.free_bytes
+common.free_bytes = lambda path: 10**9  # the estimate passes; the write itself fails
+try:
+    common.save_checkpoint_file({{"step": 2, "w": torch.ones(400_000)}}, p)
+except common.DiskFull as e:
+    print("write |", e)
+common.free_bytes = free
+for name, write in (("final.safetensors", lambda t: save_file({{"w": torch.ones(400_000)}}, t)),
+                    ("shard.npy", lambda t: np.save(t, np.ones(400_000)))):
     try:
-        common.save_checkpoint_file({{"step": 2, "w": torch.ones(400_000)}}, p)
+        with common.atomic_path(os.path.join(d, name)) as tmp:
+            write(tmp)
     except common.DiskFull as e:
-        print(what, "|", e)
+        print(name, "|", e)
 print(sorted(os.listdir(d)), common.load_checkpoint_file(p)["step"])
 """
 
@@ -266,7 +278,9 @@ def test_disk_full_on_a_real_1mb_tmpfs(tmp_path):
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("precheck | no space left on device writing") and "1.6 MB needed" in lines[0]
     assert lines[1].startswith("write | no space left on device writing") and "MB free" in lines[1]
-    assert lines[2] == "['ckpt-000001.pt', 'ckpt.pt'] 1", lines  # no temp file left, the old state intact
+    for name, line in zip(("final.safetensors", "shard.npy"), lines[2:4]):  # each writer's way of failing
+        assert line.startswith(f"{name} | no space left on device writing") and "MB free" in line, line
+    assert lines[4] == "['ckpt-000001.pt', 'ckpt.pt'] 1", lines  # no temp file left, the old state intact
 
 
 def test_disk_full_simulated_in_train_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
