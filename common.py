@@ -176,10 +176,12 @@ def remove_stale_temps(folder, depth=2):
 class FolderLock:
     """One writer per output folder: an exclusive flock on FOLDER/.lock, which holds `pid@host`. The kernel
     drops the flock when its process dies, so a killed run never blocks the next one; the lock file then still
-    names it, and the next owner warns that it took a stale lock over. A held lock is an error naming its owner."""
+    names it, and the next owner warns that it took a stale lock over. A held lock is an error naming its owner.
+    `refuse` (path, why): once the lock is held, that path existing is an error `path why` (e.g. a fresh run
+    finding a checkpoint that a run which held the lock a moment ago wrote)."""
 
-    def __init__(self, folder):
-        self.path, self.fd = os.path.join(folder, ".lock"), None
+    def __init__(self, folder, refuse=None):
+        self.path, self.fd, self.refuse = os.path.join(folder, ".lock"), None, refuse
         self.me = f"{os.getpid()}@{socket.gethostname()}"
         if os.path.isdir(folder):  # else: acquire() once it is made
             self.acquire()
@@ -205,6 +207,9 @@ class FolderLock:
         os.pwrite(fd, (self.me + "\n").encode(), 0)
         os.fsync(fd)
         self.fd = fd
+        if self.refuse and os.path.exists(self.refuse[0]):
+            self.release()
+            fail(f"{self.refuse[0]} {self.refuse[1]}")
         return self
 
     def release(self):

@@ -234,9 +234,7 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
     """Model, task data, optimizer and EMA, from --resume's checkpoint if asked. Returns what the loop touches
     (model: the UNet as trained, compiled / DDP; start: steps done, at stream position data_pos) and that state."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    state = load_resume(cfg, ckpt_path, env.world) if cfg.resume else None
-    if state is None and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    state = load_resume(cfg, ckpt_path, env.world) if cfg.resume else None  # a fresh run: the lock checks ckpt.pt
     bundle = load_model(cfg, env)
     for make in makes if env.master else ():  # the demo's data, once
         make()
@@ -380,7 +378,9 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads), cfg.grad_checkpointing and cfg.device == "cpu" and return_freed_memory()
     amp = functools.partial(torch.autocast, torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
     env = data.Env(cfg.device, amp, dist.get_rank() if ddp else 0, dist.get_world_size() if ddp else 1)
-    lock = FolderLock(cfg.out) if env.master else None  # one run per --out: held from here if it exists
+    fresh = None if cfg.resume else (os.path.join(cfg.out, "ckpt.pt"), "exists: pass --resume to continue that run, "
+                                     "or choose another --out")  # checked once the lock is held
+    lock = FolderLock(cfg.out, fresh) if env.master else None  # one run per --out: held from here if it exists
     try:
         run, state = build(cfg, lora_cfg, makes, env, ddp, lock)
         b, n, how = run.bundle, sum(p.numel() for p in run.params) / 1e6, f"LoRA {cfg.lora}" if lora_cfg else "full"
