@@ -2,12 +2,21 @@
 folders written once, and the training state that knows nothing of the models (RNG states, EMA, allocator)."""
 import argparse
 import ctypes
+import dataclasses
+import errno
+import fcntl
+import glob
 import json
 import os
+import pickle
 import random
+import re
+import shutil
 import signal
+import socket
 import sys
 import warnings
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -49,6 +58,17 @@ class DefaultsOnce(argparse.RawDescriptionHelpFormatter):
         return h + " (default: %(default)s)"
 
 
+def dataclass_parser(cls, description, epilog):
+    """An option per field of dataclass `cls` (its metadata: help, choices); booleans are flags, --x/--no-x
+    where the default is None (decided later)."""
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=DefaultsOnce)
+    for f in dataclasses.fields(cls):
+        kw = {"action": "store_true" if f.default is False else argparse.BooleanOptionalAction} if f.type is bool \
+            else {"type": f.type}
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw, **f.metadata)
+    return p
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"{prog()}: warning: {message}", file=file or sys.stderr)
 
@@ -66,22 +86,157 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+class DiskFull(OSError):
+    """A write that ran out of space: str() is one line, `no space left on device (N MB needed, M free)`."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def free_bytes(path):
+    return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+
+
+FULL_DISK_WORDS = ("No space left", "os error 28", "unexpected pos", "iostream error", "file write failed",
+                   "requested and")  # safetensors, torch.save (RuntimeError), np.save (OSError without errno)
+
+
+def _disk_full(e, path, need, was_free=None):
+    """The error to raise for a failed write: DiskFull if it was (or looks like) ENOSPC, else e itself. Only some
+    writers say ENOSPC; `was_free` (bytes free when it failed) under 1 MB counts as full too."""
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(w in str(e) for w in FULL_DISK_WORDS) \
+        or (was_free is not None and was_free < 2**20)
+    if not full:
+        return e
+    free = free_bytes(path)
+    need_s = f"{need / 1e6:.1f} MB needed, " if need else ""
+    return DiskFull(errno.ENOSPC, f"no space left on device writing {path} ({need_s}{free / 1e6:.1f} MB free); "
+                    "free some space and rerun (the previous file is kept)")
+
+
+def temp_name(path, pid=None):
+    root, ext = os.path.splitext(path)
+    return f"{root}.tmp{pid or os.getpid()}{ext}"
+
+
 @contextmanager
-def atomic_path(path):
+def atomic_path(path, need=0):
     """Yield a temp path beside `path` (same extension, so writers that infer the format from it work). If the
     block succeeds the file is flushed to disk and renamed over `path`, and the rename is flushed too: a crash
-    or power loss leaves either the old file or the whole new one. If it fails the temp file is removed."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    or power loss leaves either the old file or the whole new one. If it fails the temp file is removed, and a
+    full disk is raised as DiskFull (`need`: the bytes the write needs, for its message)."""
+    tmp = temp_name(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path)
+    except Exception as e:  # safetensors' SafetensorError is no OSError
+        was_free = free_bytes(path)
+        if os.path.exists(tmp):  # first: the space it holds is what the message counts
+            os.remove(tmp)
+        err = _disk_full(e, path, need, was_free)
+        if err is e:
+            raise
+        raise err from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+TEMP_RE = re.compile(r"\.tmp(\d+)(\.[^.]*)?$")  # temp_name's files (and older `NAME.tmpPID`)
+
+
+def remove_stale_temps(folder, depth=2):
+    """Delete the temp files of writers that are gone (killed mid-write): their pid is not alive here. Returns
+    their paths. Only this host's pids can be checked: call it while holding the folder's lock."""
+    removed = []
+    for d, dirs, files in os.walk(folder):
+        if d[len(folder):].count(os.sep) >= depth:
+            dirs[:] = []
+        for f in files:
+            m = TEMP_RE.search(f)
+            if m and int(m[1]) != os.getpid() and not pid_alive(int(m[1])):
+                os.remove(os.path.join(d, f))
+                removed.append(os.path.join(d, f))
+    return removed
+
+
+class FolderLock:
+    """One writer per output folder: an exclusive flock on FOLDER/.lock, which holds `pid@host`. The kernel
+    drops the flock when its process dies, so a killed run never blocks the next one; the lock file then still
+    names it, and the next owner warns that it took a stale lock over. A held lock is an error naming its owner.
+    `refuse` (path, why): once the lock is held, that path existing is an error `path why` (e.g. a fresh run
+    finding a checkpoint that a run which held the lock a moment ago wrote)."""
+
+    def __init__(self, folder, refuse=None):
+        self.path, self.fd, self.refuse = os.path.join(folder, ".lock"), None, refuse
+        self.me = f"{os.getpid()}@{socket.gethostname()}"
+        if os.path.isdir(folder):  # else: acquire() once it is made
+            self.acquire()
+
+    def acquire(self):
+        if self.fd is not None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            pid, _, host = owner.partition("@")
+            gone = host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+            fail(f"{os.path.dirname(self.path)} is in use by {owner} (one run per output folder): wait for it, choose "
+                 "another --out" + (f", or, as pid {pid} is gone, delete {self.path}" if gone else
+                                    f", or, if that process is gone, delete {self.path}"))
+        old = os.read(fd, 200).decode(errors="replace").strip()
+        if old and old != self.me:
+            warnings.warn(f"{self.path}: took over the stale lock of {old} (that process is gone)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (self.me + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        if self.refuse and os.path.exists(self.refuse[0]):
+            self.release()
+            fail(f"{self.refuse[0]} {self.refuse[1]}")
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # kept (not unlinked): a waiter may hold it open; empty = no owner
+            os.close(self.fd)
+            self.fd = None
+
+
+def exclusive_names(folder, names, start=0):
+    """Reserve output files that exist nowhere yet: names(i) for i = start, start + 1, ... -> the first list of
+    paths under `folder` all created here (O_EXCL, empty; the caller writes them, e.g. with atomic_path), so two
+    programs writing to one folder never overwrite each other or an earlier run's files."""
+    i = start
+    while True:
+        made = []
+        try:
+            for n in names(i):
+                p = os.path.join(folder, n)
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                made.append(p)
+            return made
+        except FileExistsError:
+            for p in made:
+                os.remove(p)
+            i += 1
 
 
 def written_once(path, write):
@@ -92,13 +247,14 @@ def written_once(path, write):
     return path
 
 
-HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit (or 32-bit) grey
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16-bit (or 32-bit) grey
 
 
 def open_rgb(path, draft=None):
     """Any image file -> a PIL image of its colours: "RGB" (8-bit), or "F" (one float channel, grey on the 0-255
-    scale) for 16/32-bit grey, scaled by its range (65535 if any value needs more than 8 bits, else 255), so no
-    precision is lost. EXIF rotation applied, transparency onto white. `draft` (w, h): a JPEG is decoded at the
+    scale) for 16/32-bit grey, so no precision is lost: I;16 files by 65535, 32-bit ones by their range (65535 if
+    any value needs more than 8 bits, else 255). 48-bit RGB PNGs: PIL reads their high bytes (8-bit "RGB", right
+    to 1/255); CMYK by PIL's conversion. EXIF rotation applied, transparency onto white. `draft` (w, h): a JPEG is decoded at the
     smallest 1/2, 1/4, 1/8 scale that still covers it, several times faster for large photos."""
     with Image.open(path) as im:
         if draft:
@@ -106,7 +262,8 @@ def open_rgb(path, draft=None):
         im = ImageOps.exif_transpose(im)
         if im.mode in HIGH_BIT_MODES:
             a = np.asarray(im, dtype=np.float64)
-            return Image.fromarray((a * (255.0 / (65535.0 if a.max() > 255 else 255.0))).clip(0, 255).astype(np.float32))
+            top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+            return Image.fromarray((a * (255.0 / top)).clip(0, 255).astype(np.float32))
         if im.mode in ("RGBA", "LA", "P", "PA"):  # transparent pixels' colour is arbitrary: use white
             im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
         return im.convert("RGB")
@@ -135,6 +292,128 @@ def set_rng_state(s):
     random.setstate(s["python"])
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def seed_all(seed):
+    """torch, python's random and numpy: every RNG user code may draw from."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: str() is one line naming the file, the problem and what to do."""
+
+
+def _leaves(x, prefix=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{prefix}/{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{prefix}/{i}")
+    else:
+        yield prefix, x
+
+
+def _crc(v):
+    """CRC-32 of a leaf: a tensor's dtype, shape and bytes; anything else by its repr."""
+    if not isinstance(v, torch.Tensor):
+        return zlib.crc32(repr(v).encode())
+    t = v.detach().cpu().contiguous().reshape(-1)
+    crc = zlib.crc32(f"{t.dtype}{tuple(v.shape)}".encode())
+    return zlib.crc32(t.view(torch.uint8).numpy(), crc) if t.numel() else crc
+
+
+def checksums(state):
+    return {k: _crc(v) for k, v in _leaves(state)}
+
+
+def _kept(path):
+    """ROOT-STEP.EXT beside `path`, oldest first."""
+    root, ext = os.path.splitext(path)
+    step = re.compile(re.escape(os.path.basename(root)) + r"-(\d{6,})" + re.escape(ext))
+    found = [(int(m[1]), p) for p in glob.glob(glob.escape(root) + "-*" + ext)
+             if (m := step.fullmatch(os.path.basename(p)))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint_file(state, path, keep=2):
+    """state (with "step") -> ROOT-STEP.pt beside `path` (atomic, fsynced, a CRC-32 of every tensor and value
+    stored in it under "checksums"), then `path` (ckpt.pt) made a hard link to it; only the newest `keep`
+    ROOT-STEP.pt stay. A full disk raises DiskFull before writing, or after, with the temp file removed and
+    the previous checkpoints intact. Returns `path`."""
+    state = {**state, "checksums": checksums(state)}
+    need = sum(v.numel() * v.element_size() for _, v in _leaves(state) if isinstance(v, torch.Tensor))
+    if free_bytes(path) < need:
+        raise _disk_full(OSError(errno.ENOSPC, "no space"), path, need)
+    root, ext = os.path.splitext(path)
+    step_path = f"{root}-{state['step']:06d}{ext}"
+    with atomic_path(step_path, need) as tmp:
+        torch.save(state, tmp)
+    with atomic_path(path) as tmp:
+        try:
+            os.link(step_path, tmp)
+        except OSError:  # no hard links here (some network / FAT file systems): a copy
+            shutil.copyfile(step_path, tmp)
+    for old in _kept(path)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def _others(path):
+    same = os.stat(path) if os.path.exists(path) else None
+    others = [p for p in _kept(path) if not (same and os.path.samestat(os.stat(p), same))]
+    if not others:
+        return "; no older checkpoint is kept: start again without --resume, in a new --out"
+    return (f"; kept: {', '.join(map(os.path.basename, others))}; to resume from one of them: "
+            f"ln -f {others[-1]} {path}")
+
+
+def load_checkpoint_file(path, required=()):
+    """save_checkpoint_file's state, checked: readable (safely: weights_only), a dict with the `required`
+    keys, every checksum right. Anything else raises CheckpointError, one line naming the problem and what to do."""
+    size = os.path.getsize(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, a pickle of something else: each its own type
+        why = "an empty file" if size == 0 else f"truncated, or not a checkpoint: {type(e).__name__}"
+        raise CheckpointError(f"{path} is unreadable ({why}, {size} bytes){_others(path)}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(map(repr, missing))}){_others(path)}")
+    saved = state.pop("checksums", None)
+    if saved is None:
+        warnings.warn(f"{path} has no checksums (an older train.py wrote it): not verified")
+        return state
+    now = checksums(state)
+    bad = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+    if bad:
+        raise CheckpointError(f"{path} is corrupted: {len(bad)} value(s) fail their checksum ({', '.join(bad[:3])})"
+                              f"{_others(path)}")
+    return state
+
+
+class DivergenceGuard:
+    """The rule that stops an exploding run: the trainable weights' norm must stay finite and within `factor`
+    times its value when training began (kept across --resume). Normal fine-tuning moves it by a few percent;
+    an update of the size of the weights (e.g. --lr 1e6) grows it a thousandfold in one step."""
+
+    def __init__(self, params, ref=None, factor=10.0):
+        self.params, self.factor = params, factor
+        self.ref = ref if ref is not None else self.norm()
+
+    def norm(self):
+        with torch.no_grad():
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.float() for p in self.params]))).item()
+
+    def check(self):
+        """None, or what is wrong."""
+        n = self.norm()
+        if not n <= self.factor * max(self.ref, 1e-3):  # also catches NaN
+            return (f"the weights' norm is {n:.3g}, over {self.factor:g}x its start {self.ref:.3g} (the rule for an "
+                    "exploding run)" if n == n and n != float("inf") else f"the weights' norm is {n}")
+        return None
 
 
 class EMA:

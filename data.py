@@ -43,6 +43,16 @@ def _names(paths, root, k=5):
     return shown + (f", ... (+{len(paths) - k} more)" if len(paths) > k else "")
 
 
+def read_text(path):
+    """A caption, prompt or metadata file as UTF-8 (a BOM dropped); not UTF-8 is a DataError naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8 (or your editor's save as UTF-8)") from None
+
+
 def read_captions_txt(root):
     """Images anywhere below `root` (sorted, so the order is the same on every machine) + their .txt."""
     images = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
@@ -53,28 +63,23 @@ def read_captions_txt(root):
     if missing:
         raise DataError(f"{root}: {len(missing)} of {len(images)} images have no caption: {_names(missing, root)}; "
                         "put NAME.txt beside each image or write a metadata.jsonl (file_name, text)")
-    captions = []
-    for p in images:
-        with open(os.path.splitext(p)[0] + ".txt", encoding="utf-8") as f:
-            captions.append(f.read().strip())
-    return images, captions
+    return images, [read_text(os.path.splitext(p)[0] + ".txt").strip() for p in images]
 
 
 def read_metadata_jsonl(path):
     """metadata.jsonl lines {"file_name": ..., "text": ...}; file names are relative to its folder."""
     root, images, captions = os.path.dirname(path), [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}:{n}: not a JSON object") from None
-            if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{n}: caption missing: each line needs \"file_name\" and a \"text\" string")
-            images.append(os.path.join(root, row["file_name"]))
-            captions.append(row["text"].strip())
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{n}: not a JSON object") from None
+        if not isinstance(row, dict) or "file_name" not in row or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{n}: caption missing: each line needs \"file_name\" and a \"text\" string")
+        images.append(os.path.join(root, row["file_name"]))
+        captions.append(row["text"].strip())
     if not images:
         raise DataError(f"{path}: no entries")
     return images, captions
@@ -232,8 +237,7 @@ def text_grid(cfg, bundle, env, prompts, steps=25, scale=7.5):
     """A text-to-image task's grid: the prompts (--sample-prompts, else `prompts`), noise from --seed.
     Returns (the prompts, grid(unet, objective, path))."""
     if cfg.sample_prompts:
-        with open(cfg.sample_prompts, encoding="utf-8") as fp:
-            prompts = [line.strip() for line in fp if line.strip()]
+        prompts = [line.strip() for line in read_text(cfg.sample_prompts).splitlines() if line.strip()]
         if not prompts:
             raise DataError(f"--sample-prompts {cfg.sample_prompts}: no prompts in it (one per line)")
     f = bundle.vae.downsample

@@ -57,7 +57,8 @@ from tqdm import tqdm
 import cpu_fast
 import diff2flow
 import sd
-from common import DefaultsOnce, atomic_path, fail, one_line_warnings, open_rgb, rgb_array, usage_error
+from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, remove_stale_temps,
+                    rgb_array, usage_error)
 from data import TaskData, batch_indices
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -356,17 +357,38 @@ def save_png(array, path, info=None):
         Image.fromarray(array).save(tmp, pnginfo=png)
 
 
-def write_outputs(out, stem, y, spread, info, uncertainty):
-    """y (H, W) normalised log depth in [-1, 1] -> NAME_depth.png (colour), NAME_depth16.png, NAME_depth.npy."""
+OUTPUTS = ("_depth.png", "_depth16.png", "_depth.npy", "_uncertainty.png")  # after NAME
+
+
+def output_stems(paths):
+    """Each input's NAME: its stem; where stems clash (a/img.png, b/img.png, c/img.jpg) the path below those
+    inputs' common folder, subfolders mirrored (a/img, b/img, c/img), and if that still clashes (x.png, x.jpg)
+    the extension kept too (x_png, x_jpg)."""
+    stem = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    clash = [os.path.abspath(p) for p, s in zip(paths, stem) if stem.count(s) > 1]
+    top = os.path.commonpath([os.path.dirname(p) for p in clash]) if clash else ""
+    names = [os.path.splitext(os.path.relpath(os.path.abspath(p), top))[0] if stem.count(s) > 1 else s
+             for p, s in zip(paths, stem)]
+    return [n + "_" + os.path.splitext(p)[1].lstrip(".") if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def reserve_outputs(out, name, uncertainty):
+    """OUT/NAME_depth.png ... created empty here (O_EXCL), or NAME-1_..., NAME-2_... where an earlier run (or
+    another depth.py at the same time) has them: nothing is overwritten."""
+    ends = OUTPUTS if uncertainty else OUTPUTS[:3]
+    return exclusive_names(out, lambda i: [f"{name}{f'-{i}' if i else ''}{e}" for e in ends])
+
+
+def write_outputs(paths, y, spread, info):
+    """y (H, W) normalised log depth in [-1, 1] -> NAME_depth.png (colour), NAME_depth16.png, NAME_depth.npy
+    (and NAME_uncertainty.png if `paths` has a 4th), into reserve_outputs' `paths`."""
     r = ((y.numpy() + 1) / 2).clip(0, 1).astype(np.float32)  # relative log depth, 0 = near
-    paths = [os.path.join(out, f"{stem}_depth{s}") for s in (".png", "16.png", ".npy")]
     save_png(colorize(r), paths[0], info)
     save_png(np.round(r * 65535).astype(np.uint16), paths[1], info)
     with atomic_path(paths[2]) as tmp:
         np.save(tmp, r)
-    if uncertainty:  # the ensemble's std in units of r on a grey ramp: 0 black, UNCERTAINTY_WHITE and up white
+    if len(paths) > 3:  # the ensemble's std in units of r on a grey ramp: 0 black, UNCERTAINTY_WHITE and up white
         u = (spread.numpy() / 2 / UNCERTAINTY_WHITE).clip(0, 1)
-        paths.append(os.path.join(out, f"{stem}_uncertainty.png"))
         save_png(np.round(u * 255).astype(np.uint8), paths[-1], {**info, "scale": f"grey = std of r / {UNCERTAINTY_WHITE}"})
     return paths
 
@@ -456,12 +478,14 @@ def main(argv=None):
     bundle = load_model(a.ckpt, a.device)
     context = bundle.encode_prompt([""])
     os.makedirs(a.out, exist_ok=True)
+    remove_stale_temps(a.out)  # the temp files of killed writers (dead pids only)
     res = a.processing_res or int(bundle.meta.get("resolution", 64))
     info = {"model": bundle.name, "objective": bundle.objective, "steps": a.steps, "ensemble": a.ensemble,
             "seed": a.seed, "processing_res": res, "depth": "relative log depth r in [0, 1], 0 = near",
             "colormap": "Spectral, near = red"}
     written, failed = [], []
-    for path in (bar := tqdm(list_inputs(a.inputs), desc="depth", unit="image", dynamic_ncols=True)):
+    inputs = list_inputs(a.inputs)
+    for path, name in zip(bar := tqdm(inputs, desc="depth", unit="image", dynamic_ncols=True), output_stems(inputs)):
         try:
             image = read_image(path)
         except DepthError as e:
@@ -469,9 +493,9 @@ def main(argv=None):
             failed.append(path)
             continue
         y, spread = predict(bundle, image.to(a.device), a.steps, a.ensemble, a.seed, res, context)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        written += write_outputs(a.out, stem, y, spread, {**info, "source": os.path.basename(path)}, a.uncertainty)
-        bar.set_postfix(last=stem)
+        paths = reserve_outputs(a.out, name, a.uncertainty)
+        written += write_outputs(paths, y, spread, {**info, "source": os.path.abspath(path)})
+        bar.set_postfix(last=name)
     print(f"wrote {len(written)} files to {a.out}" + (f"; {len(failed)} input(s) failed: {', '.join(failed)}"
                                                       if failed else ""))
     if failed:

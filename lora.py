@@ -7,7 +7,6 @@ Apply LoRA to a materialised model: on the meta device the factors' init (up = 0
 """
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -15,6 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from common import atomic_path
 
 # Target groups as patterns on the LDM module paths (UNet submodule names, prefix stripped).
 PATTERNS = {
@@ -195,12 +196,11 @@ def load_exact(model: nn.Module, sd: dict, expected, what: str):
 def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra):
     """safetensors with the config (JSON), the base model (path or repo id; sd.load follows it) and `extra`
     (e.g. objective=, prediction=, and cfg=, steps=: how to sample it) in the metadata. Atomic: temp file, then
-    rename. (model, path, cfg are positional-only, so `extra` may hold a key "cfg", the guidance scale.)"""
+    rename, fsynced. (model, path, cfg are positional-only, so `extra` may hold a key "cfg", the guidance scale.)"""
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     meta = {"lora_config": json.dumps(asdict(cfg)), "base_model": base, **{k: str(v) for k, v in extra.items()}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def load_lora(model: nn.Module, path: str) -> LoRAConfig:

@@ -184,6 +184,9 @@ def read_prompt_file(path):
             lines = [line.strip() for line in f if line.strip()]
     except OSError as e:
         fail(f"cannot read --prompts {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        fail(f"--prompts {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it, "
+             "e.g. iconv -f latin1 -t utf-8")
     if not lines:
         fail(f"--prompts {path} has no prompts (one per line, blank lines are skipped)")
     return lines

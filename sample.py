@@ -21,7 +21,8 @@ import cpu_fast
 import diff2flow
 import lora
 import sd
-from common import DefaultsOnce, fail, one_line_warnings, usage_error
+from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, remove_stale_temps,
+                    usage_error)
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO = os.path.join(DEMO_DIR, "reflow_tiny.safetensors")  # the demo's reflowed model: 4 steps, no CFG (reflow.py)
@@ -65,6 +66,9 @@ def read_prompts(args):
                 from_file = [line.strip() for line in f if line.strip()]
         except OSError as e:
             fail(f"cannot read --prompts {args.prompts}: {e.strerror}")
+        except UnicodeDecodeError as e:
+            fail(f"--prompts {args.prompts}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert "
+                 "it, e.g. iconv -f latin1 -t utf-8")
         if not from_file:
             fail(f"--prompts {args.prompts} has no prompts (one per line, blank lines are skipped)")
         prompts += from_file
@@ -91,10 +95,18 @@ def load_model(args, dtype):
     return bundle
 
 
+OUR_NAME = re.compile(r"(\d{4,})-(-?\d+)\.png$")  # NNNN-SEED.png: what main() writes
+
+
 def next_index(out):
-    """Continue the numbering of earlier runs' NNNN-seed.png files instead of overwriting them."""
-    found = [int(m[1]) for f in os.listdir(out) if (m := re.match(r"(\d+)-.*\.png$", f))]
+    """Continue the numbering of earlier runs' NNNN-SEED.png files; other files (2023-holiday.png) are not ours."""
+    found = [int(m[1]) for f in os.listdir(out) if (m := OUR_NAME.fullmatch(f))]
     return max(found, default=-1) + 1
+
+
+def reserve(out, seed):
+    """The next free NNNN-SEED.png, created empty here (O_EXCL): samplers started together never share a name."""
+    return exclusive_names(out, lambda i: [f"{i:04d}-{seed}.png"], next_index(out))[0]
 
 
 def png_info(fields, prompt, negative):
@@ -178,7 +190,8 @@ def main(argv=None):
     uncond = bundle.encode_prompt([args.negative]) if cfg != 1 else None  # cfg 1: no unconditional pass
     jobs = [(i, args.seed + k) for i in range(len(prompts)) for k in range(args.n)]  # (prompt index, seed)
     os.makedirs(args.out, exist_ok=True)
-    index, paths = next_index(args.out), []
+    remove_stale_temps(args.out)  # the temp files of killed writers (dead pids only)
+    paths = []
     for b in range(0, len(jobs), args.batch):
         batch = jobs[b:b + args.batch]
         # each image's noise from its own CPU generator: a seed gives the same image in any batch, on any device
@@ -190,8 +203,9 @@ def main(argv=None):
                       "sampler": args.sampler, "cfg": cfg, "shift": args.shift, "size": f"{W}x{H}",
                       "model": bundle.name + (f" + {os.path.basename(args.lora)}" if args.lora else ""),
                       "objective": bundle.objective, "prediction": bundle.prediction}
-            paths.append(os.path.join(args.out, f"{index + len(paths):04d}-{seed}.png"))
-            Image.fromarray(img.numpy()).save(paths[-1], pnginfo=png_info(fields, prompts[i], args.negative))
+            paths.append(reserve(args.out, seed))
+            with atomic_path(paths[-1]) as tmp:  # over our own empty placeholder
+                Image.fromarray(img.numpy()).save(tmp, pnginfo=png_info(fields, prompts[i], args.negative))
             print(paths[-1])
     return paths
 

@@ -8,12 +8,12 @@ text-to-image (t2i), reflow (reflow.py) or image-to-depth (depth.py). One straig
     torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4   # DDP, one process per GPU
     python train.py --ckpt ... --data ... --resume                              # continue after a crash
 
-A preset (end of --help) fills each option not given: TASK-demo without --ckpt (it makes its synthetic data
-once under runs/data/), TASK with one. --out gets ckpt.pt (all --resume needs), final.safetensors (weights or a
-LoRA naming its base; its metadata tells sample.py / depth.py how to sample), log.jsonl and samples/*.png.
-Ctrl-C or SIGTERM (pre-emption) ends the step in progress, writes ckpt.pt and exits; --resume continues.
+A preset (end of --help) fills each option not given: TASK-demo without --ckpt (it makes its synthetic data once
+under runs/data/), TASK with one. --out (one run at a time: OUT/.lock) gets ckpt.pt (all --resume needs, checksummed:
+a link to the newest of --keep ckpt-STEP.pt), final.safetensors (weights or a LoRA naming its base; its metadata tells
+sample.py / depth.py how to sample), log.jsonl and samples/*.png. Ctrl-C or SIGTERM (pre-emption) ends the step in
+progress, writes ckpt.pt and exits; --resume continues. NaN/inf, or weights' norm over 10x its start, stop a run.
 """
-import argparse
 import dataclasses
 import functools
 import json
@@ -37,8 +37,9 @@ import diff2flow
 import lora
 import reflow
 import sd
-from common import (EMA, DefaultsOnce, atomic_path, fail, one_line_warnings, open_log, return_freed_memory,
-                    rng_state, set_rng_state, stop_signals, usage_error)
+from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, dataclass_parser, fail,
+                    load_checkpoint_file, one_line_warnings, open_log, remove_stale_temps, return_freed_memory, rng_state,
+                    save_checkpoint_file, seed_all, set_rng_state, stop_signals, usage_error)
 
 DEMO_PRIOR = os.path.join(data.ROOT, "assets", "demo", "prior_tiny.safetensors")
 LOSSES = diff2flow.LOSSES  # objective name (as recorded in the checkpoint) -> its loss
@@ -78,6 +79,7 @@ class TrainConfig:  # None: the preset's value
     teacher_cfg: float = arg(None, "reflow: the teacher's guidance (default: its metadata 'cfg', else 7.5)")
     seed: int = arg(0, "seed of the data order, noise, timesteps and caption dropout")
     save_every: int = arg(None, "write ckpt.pt every N steps (0 = only at the end)")
+    keep: int = arg(2, "checkpoints kept, as ckpt-STEP.pt (ckpt.pt: a link to the newest)")
     sample_every: int = arg(None, "write a sample grid every N steps (0 = never)")
     sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
     cache: bool = arg(None, "t2i: encode every image and caption once (--out/cache.pt), then run only the UNet")
@@ -108,19 +110,14 @@ PRESETS = {  # --preset NAME: the value of every option left out; the demo ones 
 }
 SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
                   "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed", "pairs", "n_pairs",
-                  "prompts", "teacher_steps", "teacher_cfg")  # the rest, e.g. --steps, may change on --resume
+                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile")  # the rest, e.g. --steps, may change
 
 
 def parse_args(argv=None) -> TrainConfig:
     """Every TrainConfig field is an option; booleans are flags, --x/--no-x where the preset decides."""
     rows = [f"  {n:12} " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "ckpt") for n, p in PRESETS.items()]
     epilog = "presets (--preset NAME; flags win; the demo presets' --ckpt is the bundled demo):\n" + "\n".join(rows)
-    p = argparse.ArgumentParser(description=__doc__, epilog=epilog, formatter_class=DefaultsOnce)
-    for f in dataclasses.fields(TrainConfig):
-        kw = {"action": "store_true" if f.default is False else argparse.BooleanOptionalAction} if f.type is bool \
-            else {"type": f.type}
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw, **f.metadata)
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return TrainConfig(**vars(dataclass_parser(TrainConfig, __doc__, epilog).parse_args(argv)))
 
 
 def check_config(cfg: TrainConfig):
@@ -130,9 +127,7 @@ def check_config(cfg: TrainConfig):
     if cfg.preset not in PRESETS:
         usage_error(f"unknown --preset {cfg.preset!r}: use one of {', '.join(PRESETS)}")
     p = PRESETS[cfg.preset]
-    for k, v in p.items():
-        if hasattr(cfg, k) and getattr(cfg, k) is None and k != "lr":
-            setattr(cfg, k, v)
+    vars(cfg).update({k: v for k, v in p.items() if hasattr(cfg, k) and getattr(cfg, k) is None and k != "lr"})
     cfg.lr = cfg.lr if cfg.lr is not None else p["lora_lr"] if cfg.lora else p["lr"]
     if not cfg.ckpt:
         usage_error(f"--preset {cfg.preset} needs --ckpt: an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a "
@@ -144,11 +139,11 @@ def check_config(cfg: TrainConfig):
     cfg.resolution = cfg.resolution or int(meta.get("resolution", 512))
     cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else torch.get_num_threads())
     for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("save_every", 0),
-                      ("sample_every", 0), ("workers", 0), ("resolution", 8)):
+                      ("sample_every", 0), ("workers", 0), ("resolution", 8), ("keep", 1)):
         if getattr(cfg, name) < low:
             usage_error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or cfg.lr <= 0:
-        usage_error("need 0 <= --caption-dropout <= 1, 0 <= --ema < 1 and --lr > 0")
+    if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or not 0 < cfg.lr < 1e30:
+        usage_error("need 0 <= --caption-dropout <= 1, 0 <= --ema < 1 and 0 < --lr < 1e30")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         usage_error(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     if cfg.task == "reflow" and (not cfg.prompts or cfg.n_pairs < 1 or cfg.teacher_steps < 1):
@@ -174,7 +169,7 @@ def load_resume(cfg, path, world):
     """The state of --out/ckpt.pt, if it was trained with the settings that decide the trajectory."""
     if not os.path.exists(path):
         fail(f"--resume: no checkpoint {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path, required=("model", "optimizer", "step", "config", "world_size", "rng"))
     saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
     diff = [f"--{k.replace('_', '-')} {getattr(saved, k)} (now {getattr(cfg, k)})" for k in SAME_ON_RESUME
             if getattr(saved, k) != getattr(cfg, k)]
@@ -182,6 +177,8 @@ def load_resume(cfg, path, world):
         diff.append("another global batch (batch-size x grad-accum x processes)")
     if diff:
         fail(f"--resume: the checkpoint was trained with {'; '.join(diff)}; use the same settings")
+    if cfg.steps < state["step"]:
+        fail(f"--resume: --steps {cfg.steps} is below the checkpoint's step {state['step']}; pass --steps >= that")
     return state
 
 
@@ -194,9 +191,8 @@ def save_checkpoint(run, step):
         state = {"model": lora.lora_state_dict(run.unet) if run.lora_cfg else run.unet.state_dict(), "step": step,
                  "optimizer": run.opt.state_dict(), "ema": run.ema.state_dict() if run.ema else None, "rng": rngs,
                  "data_position": run.data_pos + (step - run.start) * run.G, "world_size": run.env.world,
-                 "config": dataclasses.asdict(run.cfg)}
-        with atomic_path(run.ckpt_path) as tmp:
-            torch.save(state, tmp)
+                 "config": dataclasses.asdict(run.cfg), "guard": run.guard.ref}
+        save_checkpoint_file(state, run.ckpt_path, run.cfg.keep)
     run.last_good = run.ckpt_path
 
 
@@ -212,8 +208,7 @@ def save_final(run):
         else:  # sd.save records objective and prediction itself; the base's sampling defaults stay
             extra = {**{k: bundle.meta[k] for k in ("cfg", "steps") if k in bundle.meta}, **extra}
             sd.save(dataclasses.replace(bundle, unet=run.unet, objective=run.objective), path, **extra)
-    try_it = f"depth.py IMAGE --ckpt {path}" if cfg.task == "depth" else f"sample.py --ckpt {path} --prompt " \
-        + json.dumps(run.data.prompts[0])
+    try_it = f"depth.py IMAGE --ckpt {path}" if cfg.task == "depth" else f"sample.py --ckpt {path} --prompt {json.dumps(run.data.prompts[0])}"
     print(f"wrote {path} ({run.objective}{', LoRA ' + cfg.lora if run.lora_cfg else ''}); try: python {try_it}")
     return path
 
@@ -235,13 +230,11 @@ def load_model(cfg, env):
     return bundle
 
 
-def build(cfg, lora_cfg, makes, env, ddp):
+def build(cfg, lora_cfg, makes, env, ddp, lock=None):
     """Model, task data, optimizer and EMA, from --resume's checkpoint if asked. Returns what the loop touches
     (model: the UNet as trained, compiled / DDP; start: steps done, at stream position data_pos) and that state."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
-    state = load_resume(cfg, ckpt_path, env.world) if cfg.resume else None
-    if state is None and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    state = load_resume(cfg, ckpt_path, env.world) if cfg.resume else None  # a fresh run: the lock checks ckpt.pt
     bundle = load_model(cfg, env)
     for make in makes if env.master else ():  # the demo's data, once
         make()
@@ -252,12 +245,11 @@ def build(cfg, lora_cfg, makes, env, ddp):
     except (data.DataError, depth.DepthError) as e:
         fail(str(e))
     os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)  # the inputs are good: now the outputs
+    lock and remove_stale_temps(lock.acquire() and cfg.out)  # the lock held from here; killed writers' temp files go
     unet = bundle.unet
-    torch.manual_seed(cfg.seed + env.rank)  # LoRA's random init (DDP broadcasts rank 0's), then e.g. LoRA dropout
+    seed_all(cfg.seed + env.rank)  # LoRA's random init (DDP broadcasts rank 0's), then e.g. LoRA dropout
     lora.apply_lora(unet, lora_cfg) if lora_cfg else unet.requires_grad_(True)
     unet.train().grad_checkpointing = cfg.grad_checkpointing
-    if cfg.grad_checkpointing and env.device == "cpu":
-        return_freed_memory()
     if env.device == "cpu":  # the sample grids run the CPU fast paths (training itself, the plain layers)
         cpu_fast.enable(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -277,7 +269,8 @@ def build(cfg, lora_cfg, makes, env, ddp):
     run = SimpleNamespace(cfg=cfg, env=env, ddp=ddp, bundle=bundle, data=task, unet=unet, model=model, params=params,
                           lora_cfg=lora_cfg, opt=opt, ema=ema, ckpt_path=ckpt_path, objective=objective,
                           G=cfg.batch_size * cfg.grad_accum * env.world, start=start, data_pos=data_pos,
-                          last_good=ckpt_path if state else "none (no checkpoint written yet)")
+                          last_good=ckpt_path if state else "none (no checkpoint written yet)",
+                          guard=DivergenceGuard(params, state.get("guard") if state else None))
     return run, state
 
 
@@ -309,6 +302,8 @@ def train_step(run, step, batches, empty):
         what = f"loss is {loss_val}" if not math.isfinite(loss_val) else f"gradient norm is {grad_norm}"
         fail(f"{what} at step {step + 1}; stopped without updating the weights; last good checkpoint: {run.last_good}")
     run.opt.step()
+    if why := run.guard.check():
+        fail(f"{why} after step {step + 1}; stopped; last good checkpoint: {run.last_good}")
     run.opt.zero_grad(set_to_none=True)
     if run.ema:
         run.ema.update()
@@ -366,8 +361,7 @@ def loop(run, state):
             if done < cfg.steps:
                 stop_if_asked(run, done, flag, bar)
     bar.close()
-    if log:
-        log.close()
+    log and log.close()
     return save_final(run) if env.master else os.path.join(cfg.out, "final.safetensors")
 
 
@@ -381,17 +375,23 @@ def main(argv=None):
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads), cfg.grad_checkpointing and cfg.device == "cpu" and return_freed_memory()
     amp = functools.partial(torch.autocast, torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
     env = data.Env(cfg.device, amp, dist.get_rank() if ddp else 0, dist.get_world_size() if ddp else 1)
+    fresh = None if cfg.resume else (os.path.join(cfg.out, "ckpt.pt"), "exists: pass --resume to continue that run, "
+                                     "or choose another --out")  # checked once the lock is held
+    lock = FolderLock(cfg.out, fresh) if env.master else None  # one run per --out: held from here if it exists
     try:
-        run, state = build(cfg, lora_cfg, makes, env, ddp)
+        run, state = build(cfg, lora_cfg, makes, env, ddp, lock)
         b, n, how = run.bundle, sum(p.numel() for p in run.params) / 1e6, f"LoRA {cfg.lora}" if lora_cfg else "full"
         if env.master:
             print(f"{run.objective} on {b.name} ({b.version}, {b.prediction}-prediction), {how} fine-tuning: "
                   f"{n:.2f}M trainable, {run.data.n} {run.data.what}, global batch {run.G}, {env.world} process(es)")
         return loop(run, state)
+    except (CheckpointError, DiskFull) as e:
+        fail(str(e))
     finally:
+        lock and lock.release()
         if ddp:
             dist.destroy_process_group()
 

@@ -137,8 +137,8 @@ def fine_tune(setup, objective, lora, data_dir, data, classifier):
     """train.py to each checkpoint in turn (--resume), measuring the saved EMA model at each."""
     out = os.path.join(setup.out, f"{objective}-{'lora' if lora else 'full'}")
     if os.path.exists(out):  # a fresh run every time: the numbers must come from this setup
-        for name in ("ckpt.pt", "log.jsonl"):
-            if os.path.exists(os.path.join(out, name)):
+        for name in os.listdir(out):  # ckpt.pt, the kept ckpt-STEP.pt, log.jsonl
+            if name == "log.jsonl" or (name.startswith("ckpt") and name.endswith(".pt")):
                 os.remove(os.path.join(out, name))
     curve, t0 = {}, time.time()
     for i, steps in enumerate(setup.checkpoints):
