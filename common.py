@@ -177,8 +177,8 @@ class FolderLock:
     """One writer per output folder: an exclusive flock on FOLDER/.lock, which holds `pid@host`. The kernel
     drops the flock when its process dies, so a killed run never blocks the next one; the lock file then still
     names it, and the next owner warns that it took a stale lock over. A held lock is an error naming its owner.
-    `refuse` (path, why): once the lock is held, that path existing is an error `path why` (e.g. a fresh run
-    finding a checkpoint that a run which held the lock a moment ago wrote)."""
+    `refuse`: a checkpoint that must not exist once the lock is held (a fresh run's ckpt.pt, which a run that
+    held the lock a moment ago may have written). Once held, killed writers' temp files in the folder go."""
 
     def __init__(self, folder, refuse=None):
         self.path, self.fd, self.refuse = os.path.join(folder, ".lock"), None, refuse
@@ -207,9 +207,10 @@ class FolderLock:
         os.pwrite(fd, (self.me + "\n").encode(), 0)
         os.fsync(fd)
         self.fd = fd
-        if self.refuse and os.path.exists(self.refuse[0]):
+        if self.refuse and os.path.exists(self.refuse):
             self.release()
-            fail(f"{self.refuse[0]} {self.refuse[1]}")
+            fail(f"{self.refuse} exists: pass --resume to continue that run, or choose another --out")
+        remove_stale_temps(os.path.dirname(self.path))
         return self
 
     def release(self):
@@ -254,8 +255,8 @@ def open_rgb(path, draft=None):
     """Any image file -> a PIL image of its colours: "RGB" (8-bit), or "F" (one float channel, grey on the 0-255
     scale) for 16/32-bit grey, so no precision is lost: I;16 files by 65535, 32-bit ones by their range (65535 if
     any value needs more than 8 bits, else 255). 48-bit RGB PNGs: PIL reads their high bytes (8-bit "RGB", right
-    to 1/255); CMYK by PIL's conversion. EXIF rotation applied, transparency onto white. `draft` (w, h): a JPEG is decoded at the
-    smallest 1/2, 1/4, 1/8 scale that still covers it, several times faster for large photos."""
+    to 1/255); CMYK by PIL's conversion. EXIF rotation applied, transparency onto white. `draft` (w, h): a JPEG
+    is decoded at the smallest 1/2, 1/4, 1/8 scale that still covers it, several times faster for large photos."""
     with Image.open(path) as im:
         if draft:
             im.draft("RGB", draft)
@@ -381,7 +382,8 @@ def load_checkpoint_file(path, required=()):
         raise CheckpointError(f"{path} is unreadable ({why}, {size} bytes){_others(path)}") from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(map(repr, missing))}){_others(path)}")
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(map(repr, missing))})"
+                              + _others(path))
     saved = state.pop("checksums", None)
     if saved is None:
         warnings.warn(f"{path} has no checksums (an older train.py wrote it): not verified")
@@ -473,7 +475,7 @@ def open_log(path, upto):
             lines = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= upto]
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
-    return open(path, "a")
+    return open(path, "a", buffering=1)  # line-buffered: each step's line is on disk at once
 
 
 @contextmanager

@@ -8,11 +8,9 @@ text-to-image (t2i), reflow (reflow.py) or image-to-depth (depth.py). One straig
     torchrun --nproc_per_node=8 train.py --ckpt ... --data ... --batch-size 4   # DDP, one process per GPU
     python train.py --ckpt ... --data ... --resume                              # continue after a crash
 
-A preset (end of --help) fills each option not given: TASK-demo without --ckpt (it makes its synthetic data once
-under runs/data/), TASK with one. --out (one run at a time: OUT/.lock) gets ckpt.pt (all --resume needs, checksummed:
-a link to the newest of --keep ckpt-STEP.pt), final.safetensors (weights or a LoRA naming its base; its metadata tells
-sample.py / depth.py how to sample), log.jsonl and samples/*.png. Ctrl-C or SIGTERM (pre-emption) ends the step in
-progress, writes ckpt.pt and exits; --resume continues. NaN/inf, or weights' norm over 10x its start, stop a run.
+A preset (end of --help) fills each option not given: TASK-demo without --ckpt, TASK with one. --out (one run at
+a time) gets ckpt.pt (a link to the newest of --keep checksummed ckpt-STEP.pt), final.safetensors, log.jsonl and
+samples/*.png. Ctrl-C or SIGTERM ends the step, writes ckpt.pt and exits; NaN/inf or weights grown 10x stop a run.
 """
 import dataclasses
 import functools
@@ -38,7 +36,7 @@ import lora
 import reflow
 import sd
 from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, dataclass_parser, fail,
-                    load_checkpoint_file, one_line_warnings, open_log, remove_stale_temps, return_freed_memory, rng_state,
+                    load_checkpoint_file, one_line_warnings, open_log, return_freed_memory, rng_state,
                     save_checkpoint_file, seed_all, set_rng_state, stop_signals, usage_error)
 
 DEMO_PRIOR = os.path.join(data.ROOT, "assets", "demo", "prior_tiny.safetensors")
@@ -58,9 +56,11 @@ class TrainConfig:  # None: the preset's value
     data: str = arg(None, "t2i: images + .txt captions or a metadata.jsonl; depth: rgb/ + depth/ (depth.py)")
     out: str = arg(None, "output folder")
     objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
-    fm_time: str = arg("fm", "--objective fm: the UNet's time is t_FM (official) or (1 - t_FM)(T - 1)", choices=["fm", "dm_direction"])
+    fm_time: str = arg("fm", "--objective fm: the UNet's time is t_FM (official) or (1 - t_FM)(T - 1)",
+                       choices=["fm", "dm_direction"])
     t_sampling: str = arg("uniform", "FM time distribution (diff2flow, fm)", choices=["uniform", "logit_normal"])
-    prediction: str = arg(None, "eps or v: override the guess for an SD2 file whose name does not say", choices=["eps", "v"])
+    prediction: str = arg(None, "eps or v: override the guess for an SD2 file whose name does not say",
+                          choices=["eps", "v"])
     lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a width fraction (0.2); '' = full fine-tuning")
     resolution: int = arg(None, "image side in pixels: shorter side resized, centre crop (else: the checkpoint's)")
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes")
@@ -147,7 +147,8 @@ def check_config(cfg: TrainConfig):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         usage_error(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     if cfg.task == "reflow" and (not cfg.prompts or cfg.n_pairs < 1 or cfg.teacher_steps < 1):
-        usage_error("--task reflow needs --prompts FILE (one prompt per line); --n-pairs and --teacher-steps must be >= 1")
+        usage_error("--task reflow needs --prompts FILE (one prompt per line); --n-pairs and --teacher-steps "
+                    "must be >= 1")
     if cfg.task != "reflow" and not cfg.data:
         usage_error("--data is required: " + ("a pair folder, rgb/ + depth/ (depth.py)" if cfg.task == "depth"
                                               else "a folder of images with .txt captions, or a metadata.jsonl"))
@@ -162,8 +163,6 @@ def check_config(cfg: TrainConfig):
         usage_error(str(e))
     return lora_cfg, [m for m in (make_data, make_prompts) if m]
 
-
-# ----------------------------------------------------------------------------- checkpoints, the final file
 
 def load_resume(cfg, path, world):
     """The state of --out/ckpt.pt, if it was trained with the settings that decide the trajectory."""
@@ -208,12 +207,11 @@ def save_final(run):
         else:  # sd.save records objective and prediction itself; the base's sampling defaults stay
             extra = {**{k: bundle.meta[k] for k in ("cfg", "steps") if k in bundle.meta}, **extra}
             sd.save(dataclasses.replace(bundle, unet=run.unet, objective=run.objective), path, **extra)
-    try_it = f"depth.py IMAGE --ckpt {path}" if cfg.task == "depth" else f"sample.py --ckpt {path} --prompt {json.dumps(run.data.prompts[0])}"
+    try_it = f"depth.py IMAGE --ckpt {path}" if cfg.task == "depth" else \
+        f"sample.py --ckpt {path} --prompt {json.dumps(run.data.prompts[0])}"
     print(f"wrote {path} ({run.objective}{', LoRA ' + cfg.lora if run.lora_cfg else ''}); try: python {try_it}")
     return path
 
-
-# ----------------------------------------------------------------------------- build, step, loop
 
 def load_model(cfg, env):
     """The bundle, checked against the settings before anything is written."""
@@ -245,11 +243,14 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
     except (data.DataError, depth.DepthError) as e:
         fail(str(e))
     os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)  # the inputs are good: now the outputs
-    lock and remove_stale_temps(lock.acquire() and cfg.out)  # the lock held from here; killed writers' temp files go
+    if lock:  # held from here (and killed writers' temp files are removed)
+        lock.acquire()
     unet = bundle.unet
     seed_all(cfg.seed + env.rank)  # LoRA's random init (DDP broadcasts rank 0's), then e.g. LoRA dropout
     lora.apply_lora(unet, lora_cfg) if lora_cfg else unet.requires_grad_(True)
     unet.train().grad_checkpointing = cfg.grad_checkpointing
+    if cfg.grad_checkpointing and env.device == "cpu":
+        return_freed_memory()
     if env.device == "cpu":  # the sample grids run the CPU fast paths (training itself, the plain layers)
         cpu_fast.enable(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -264,11 +265,11 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
     ema = EMA(params, cfg.ema) if cfg.ema and env.master else None  # after DDP: it has broadcast rank 0's weights
     if ema and state is not None:
         ema.load_state_dict(state["ema"])
-    start, data_pos = (state["step"], state["data_position"]) if state else (0, 0)
     objective = "fm_dm_direction" if cfg.objective == "fm" and cfg.fm_time == "dm_direction" else cfg.objective
     run = SimpleNamespace(cfg=cfg, env=env, ddp=ddp, bundle=bundle, data=task, unet=unet, model=model, params=params,
                           lora_cfg=lora_cfg, opt=opt, ema=ema, ckpt_path=ckpt_path, objective=objective,
-                          G=cfg.batch_size * cfg.grad_accum * env.world, start=start, data_pos=data_pos,
+                          G=cfg.batch_size * cfg.grad_accum * env.world, start=state["step"] if state else 0,
+                          data_pos=state["data_position"] if state else 0,
                           last_good=ckpt_path if state else "none (no checkpoint written yet)",
                           guard=DivergenceGuard(params, state.get("guard") if state else None))
     return run, state
@@ -351,8 +352,7 @@ def loop(run, state):
             done, sec = step + 1, time.time() - t0
             if env.master:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_per_s=f"{run.G / sec:.1f}")
-                log.write(json.dumps({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "time": sec}) + "\n")
-                log.flush()
+                log.write(json.dumps(dict(step=done, loss=loss, lr=lr, grad_norm=grad_norm, time=sec)) + "\n")
             if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 save_checkpoint(run, done)
             if env.master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
@@ -360,8 +360,8 @@ def loop(run, state):
                     sample(run.unet, run.objective, grid(done))
             if done < cfg.steps:
                 stop_if_asked(run, done, flag, bar)
-    bar.close()
-    log and log.close()
+    if log:  # (the bar closed itself at the end of its range)
+        log.close()
     return save_final(run) if env.master else os.path.join(cfg.out, "final.safetensors")
 
 
@@ -375,11 +375,10 @@ def main(argv=None):
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(cfg.device)
-    torch.set_num_threads(cfg.threads), cfg.grad_checkpointing and cfg.device == "cpu" and return_freed_memory()
+    torch.set_num_threads(cfg.threads)
     amp = functools.partial(torch.autocast, torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
     env = data.Env(cfg.device, amp, dist.get_rank() if ddp else 0, dist.get_world_size() if ddp else 1)
-    fresh = None if cfg.resume else (os.path.join(cfg.out, "ckpt.pt"), "exists: pass --resume to continue that run, "
-                                     "or choose another --out")  # checked once the lock is held
+    fresh = None if cfg.resume else os.path.join(cfg.out, "ckpt.pt")  # must not exist once the lock is held
     lock = FolderLock(cfg.out, fresh) if env.master else None  # one run per --out: held from here if it exists
     try:
         run, state = build(cfg, lora_cfg, makes, env, ddp, lock)
@@ -391,7 +390,8 @@ def main(argv=None):
     except (CheckpointError, DiskFull) as e:
         fail(str(e))
     finally:
-        lock and lock.release()
+        if lock:
+            lock.release()
         if ddp:
             dist.destroy_process_group()
 

@@ -84,7 +84,7 @@ def test_two_runs_started_together_one_wins_the_other_says_why(tiny, tmp_path):
 
 def test_a_run_that_gets_the_lock_late_still_refuses_a_checkpoint_written_meanwhile(tmp_path):
     out = tmp_path / "new"  # not there at the start: the lock is taken once the inputs are checked
-    lock = common.FolderLock(str(out), (str(out / "ckpt.pt"), "exists: pass --resume"))
+    lock = common.FolderLock(str(out), str(out / "ckpt.pt"))
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"the other run's")  # written by a run that held the lock in between
     with pytest.raises(SystemExit, match=r"ckpt.pt exists: pass --resume"):
