@@ -8,7 +8,6 @@ import fcntl
 import glob
 import json
 import os
-import pickle
 import random
 import re
 import shutil

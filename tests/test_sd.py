@@ -3,7 +3,6 @@ import ast
 import dataclasses
 import json
 import os
-import pickle
 import sys
 
 import pytest
