@@ -48,18 +48,18 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit, its output int
 }
 
 # 1. parity at the full SD1.5 / SD2.1 configs (fp32 1e-4, bf16, SD2 fp16 without NaN, compiled vs eager)
-part pytest 120 "$PY" -m pytest -q -s -m cuda tests/test_cuda.py -p no:cacheprovider
+part pytest 150 "$PY" -m pytest -q -s -m cuda tests/test_cuda.py -p no:cacheprovider
 # 2. NCCL DDP through train.py: bf16 + compile inside DDP, fused AdamW, DataLoader workers with pin_memory,
 #    cuda:LOCAL_RANK; then --resume to 5 steps (its log must read steps 1..5)
 TRAIN=(train.py --ckpt "$WORK/tiny/tiny.safetensors" --data "$WORK/tiny" --out "$WORK/run" --resolution 32
        --batch-size 4 --workers 2 --compile --bf16 --sample-every 0 --save-every 0 --warmup 1 --ema 0.9)
-part ddp 75 bash -c "$PY bench/gpu_check.py tiny $WORK/tiny && \
+part ddp 65 bash -c "$PY bench/gpu_check.py tiny $WORK/tiny && \
     torchrun --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 3 && $PY bench/gpu_check.py log $WORK/run 3"
-part resume 45 bash -c "torchrun --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 5 --resume && \
+part resume 35 bash -c "torchrun --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 5 --resume && \
     $PY bench/gpu_check.py log $WORK/run 5"
 # 3. training step at the SD1.5 config, 64x64 latents, batch 4, bf16 + compile: Diff2Flow vs diffusion
 #    (target <= 1.02), LoRA vs full peak memory
-part train 130 "$PY" bench/bench_train.py --device cuda --unet sd15 --size 64 --batch 4 --bf16 --compile \
+part train 120 "$PY" bench/bench_train.py --device cuda --unet sd15 --size 64 --batch 4 --bf16 --compile \
     --repeat 5 --warmup 2
 # 4. 25-step guided sampling vs diffusers + torch.compile on the same weights (target: ours/ref <= 1), and the
 #    UNet's achieved FLOP/s at batch 8, 64x64, bf16 as a fraction of a bf16 matmul's (target >= 0.5)
