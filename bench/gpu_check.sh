@@ -49,13 +49,14 @@ part() {  # part NAME SECONDS COMMAND...: run it under its limit, its output int
 
 # 1. parity at the full SD1.5 / SD2.1 configs (fp32 1e-4, bf16, SD2 fp16 without NaN, compiled vs eager)
 part pytest 150 "$PY" -m pytest -q -s -m cuda tests/test_cuda.py -p no:cacheprovider
-# 2. NCCL DDP through train.py: bf16 + compile inside DDP, fused AdamW, DataLoader workers with pin_memory,
-#    cuda:LOCAL_RANK; then --resume to 5 steps (its log must read steps 1..5)
+# 2. NCCL DDP through train.py (torchrun as python -m torch.distributed.run: no PATH needed): bf16 + compile
+#    inside DDP, fused AdamW, DataLoader workers with pin_memory, cuda:LOCAL_RANK; then --resume to 5 steps
+#    (its log must read steps 1..5)
 TRAIN=(train.py --ckpt "$WORK/tiny/tiny.safetensors" --data "$WORK/tiny" --out "$WORK/run" --resolution 32
        --batch-size 4 --workers 2 --compile --bf16 --sample-every 0 --save-every 0 --warmup 1 --ema 0.9)
 part ddp 65 bash -c "$PY bench/gpu_check.py tiny $WORK/tiny && \
-    torchrun --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 3 && $PY bench/gpu_check.py log $WORK/run 3"
-part resume 35 bash -c "torchrun --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 5 --resume && \
+    $PY -m torch.distributed.run --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 3 && $PY bench/gpu_check.py log $WORK/run 3"
+part resume 35 bash -c "$PY -m torch.distributed.run --standalone --nproc_per_node=1 ${TRAIN[*]} --steps 5 --resume && \
     $PY bench/gpu_check.py log $WORK/run 5"
 # 3. training step at the SD1.5 config, 64x64 latents, batch 4, bf16 + compile: Diff2Flow vs diffusion
 #    (target <= 1.02), LoRA vs full peak memory

@@ -18,7 +18,7 @@ import torch
 
 import clip_text
 import unet as unet_mod
-from bench import random_init, text_pair, unet_pair, vae_pair
+from bench import random_init, unet_pair, vae_pair
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEV = "cuda"
@@ -80,25 +80,26 @@ def test_vae_matches_diffusers():  # SD1.5 and SD2.1 share the VAE
           "vae encode moments")
 
 
-@gpu
-def test_sd1_text_encoder_matches_transformers():
-    ours, ref = (m.to(DEV) for m in text_pair())
-    ids = clip_text.Tokenizer()(["a photo of an astronaut riding a horse on mars", ""]).to(DEV)
-    check(lambda: ours(ids), lambda: ref(input_ids=ids).last_hidden_state, "text sd1")
-
-
-@gpu
-def test_sd2_text_encoder_matches_transformers():
-    """SD2's OpenCLIP layout (penultimate layer) from transformers' CLIPTextModel weights (23 layers)."""
+def text_pair_from_hf(preset, width, layers, heads, act):
+    """transformers' CLIPTextModel with seeded random weights, and ours loaded from its state dict (the
+    diffusers text_encoder/ folder path); both in eval mode on the GPU."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, layer_norm_eps=1e-5)
     ref = random_init(CLIPTextModel(cfg)).eval()
-    ours = clip_text.TextEncoder(clip_text.PRESETS["sd2"])
-    ours.load_state_dict(clip_text.from_hf_state_dict(ref.state_dict(), clip_text.PRESETS["sd2"]), strict=True)
-    ours, ref = ours.eval().to(DEV), ref.to(DEV)
+    ours = clip_text.TextEncoder(clip_text.PRESETS[preset])
+    ours.load_state_dict(clip_text.from_hf_state_dict(ref.state_dict(), clip_text.PRESETS[preset]), strict=True)
+    return ours.eval().to(DEV), ref.to(DEV)
+
+
+@gpu
+@pytest.mark.parametrize("preset, width, layers, heads, act", [("sd1", 768, 12, 12, "quick_gelu"),
+                                                              ("sd2", 1024, 23, 16, "gelu")])
+def test_text_encoder_matches_transformers(preset, width, layers, heads, act):
+    """SD1's CLIP ViT-L text model; SD2's OpenCLIP layout (its penultimate layer: 23 of 24 blocks)."""
+    ours, ref = text_pair_from_hf(preset, width, layers, heads, act)
     ids = clip_text.Tokenizer()(["a photo of an astronaut riding a horse on mars", ""]).to(DEV)
-    check(lambda: ours(ids), lambda: ref(input_ids=ids).last_hidden_state, "text sd2")
+    check(lambda: ours(ids), lambda: ref(input_ids=ids).last_hidden_state, f"text {preset}")
 
 
 @gpu
