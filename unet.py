@@ -171,7 +171,19 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(nearest_2x(x))
+
+
+def nearest_2x(x):
+    """F.interpolate(x, scale_factor=2, mode="nearest"), bit for bit, as a broadcast copy: under torch.compile on
+    the CPU, inductor's bf16-autocast backward of upsample_nearest2d after a conv gave zero input gradients
+    (torch 2.13: the whole UNet below the up path's first Upsample got none; tests/test_compile.py). The
+    memory format is kept (channels_last in, channels_last out), as interpolate keeps it."""
+    B, C, H, W = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = x.permute(0, 2, 3, 1)[:, :, None, :, None].expand(B, H, 2, W, 2, C)
+        return y.reshape(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
+    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
 
 
 class EmbedSequential(nn.Sequential):

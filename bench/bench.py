@@ -296,6 +296,9 @@ def text_pair(ours=None):
     if not any(k.startswith("text_model.") for k in ref.state_dict()):  # transformers >= 5.6 dropped it
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     ref.load_state_dict(state, strict=True, assign=True)
+    for m in ref.modules():  # position_ids is a non-persistent buffer (no state-dict key): still on meta
+        if getattr(m, "position_ids", None) is not None and m.position_ids.is_meta:
+            m.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=False)
     return ours.eval(), ref.eval()
 
 

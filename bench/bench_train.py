@@ -118,10 +118,13 @@ def train_rows(args):
     steps = [step_fn(loss, unet, opt, x1, context, args)
              for loss in (diff2flow.diff2flow_loss, diff2flow.diffusion_loss)]
     d2f, dm = best_of(steps, args.repeat, args.warmup)
+    step_row = (f"train step {shape} LoRA {args.lora}: Diff2Flow vs diffusion", d2f * 1e3, dm * 1e3, "ms")
+    print_table([step_row])  # now, not only at the end: a run under a time limit (gpu_check.sh) keeps it
+    print(flush=True)
     del unet, opt
     (lora_base, lora_peak, _), (full_base, full_peak, _) = measure(args, args.lora), measure(args, None)
     MiB = 2**20
-    rows = [(f"train step {shape} LoRA {args.lora}: Diff2Flow vs diffusion", d2f * 1e3, dm * 1e3, "ms"),
+    rows = [step_row,
             (f"train peak memory {shape}: LoRA {args.lora} vs full", lora_peak / MiB, full_peak / MiB, "MiB"),
             ("  of which above the loaded weights", (lora_peak - lora_base) / MiB, (full_peak - full_base) / MiB,
              "MiB")]
