@@ -39,3 +39,18 @@ def write_clip_vocab(path):
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return path
+
+
+def tiny_training_folder(root, n, size, **meta):
+    """root/tiny.safetensors (a fresh tiny SD bundle, torch seed 0, `meta` in its metadata) and n random
+    size = (H, W) images with .txt captions "a picture number i"; returns (checkpoint, data folder)."""
+    import numpy as np
+    import sd
+    from PIL import Image
+    torch.manual_seed(0)
+    sd.save(sd.create(), str(root / "tiny.safetensors"), **meta)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a picture number {i}")
+    return str(root / "tiny.safetensors"), str(root)

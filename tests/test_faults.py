@@ -21,7 +21,7 @@ import data
 import depth
 import sd
 import train
-from helpers import random_bundle
+from helpers import random_bundle, tiny_training_folder
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -31,14 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    sd.save(sd.create(), str(root / "tiny.safetensors"), resolution=32)
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"a picture number {i}")
-    return str(root / "tiny.safetensors"), str(root)
+    return tiny_training_folder(tmp_path_factory.mktemp("tiny"), 4, (32, 32), resolution=32)
 
 
 def args(tiny, out, *extra):

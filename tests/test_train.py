@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +19,7 @@ import lora
 import sample
 import sd
 import train
+from helpers import tiny_training_folder
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses: one thread, as in-process (same float sums)
@@ -31,14 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A fresh tiny SD bundle (v-prediction) saved like any checkpoint, and 6 captioned 40x48 images."""
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    sd.save(sd.create(), str(root / "tiny.safetensors"))
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"a picture number {i}")
-    return str(root / "tiny.safetensors"), str(root)
+    return tiny_training_folder(tmp_path_factory.mktemp("tiny"), 6, (40, 48))
 
 
 def args(tiny, out, *extra):
