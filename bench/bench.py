@@ -77,11 +77,16 @@ UNET_CONFIGS = {  # diffusers UNet2DConditionModel configs of our PRESETS (as in
 }
 
 
+def random_model(cls, cfg):
+    """One of our models, built on the meta device (no init cost), then seeded random weights on the CPU."""
+    with torch.device("meta"):
+        ours = cls(cfg)
+    return random_init(ours.to_empty(device="cpu"))
+
+
 def random_unet(name: str):
     """Our UNet at a preset, seeded random weights, on the CPU."""
-    with torch.device("meta"):
-        ours = unet.UNet(unet.PRESETS[name])
-    return random_init(ours.to_empty(device="cpu"))
+    return random_model(unet.UNet, unet.PRESETS[name])
 
 
 def fast(args, model):
@@ -251,10 +256,7 @@ def vae_pair(ours=None):
     from diffusers import AutoencoderKL as DAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    if ours is None:
-        with torch.device("meta"):
-            ours = vae.AutoencoderKL(vae.PRESETS["sd"])
-        random_init(ours.to_empty(device="cpu"))
+    ours = random_model(vae.AutoencoderKL, vae.PRESETS["sd"]) if ours is None else ours
     config = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                   up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512],
                   layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512,
@@ -284,10 +286,7 @@ def text_pair(ours=None):
     """Our SD1 text encoder and transformers' CLIPTextModel on the same weights."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if ours is None:
-        with torch.device("meta"):
-            ours = clip_text.TextEncoder(clip_text.PRESETS["sd1"])
-        random_init(ours.to_empty(device="cpu"))
+    ours = random_model(clip_text.TextEncoder, clip_text.PRESETS["sd1"]) if ours is None else ours
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
     with torch.device("meta"):
