@@ -190,11 +190,12 @@ def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None)
 
 # ----------------------------------------------------------------------------- metrics
 
-def depth_metrics(pred, gt, valid, dmin, dmax, align="log"):
+def depth_metrics(pred, gt, valid, dmin, dmax, align="log", in_range=True):
     """One image: prediction (H, W) (affine-invariant log depth for align='log', depth for 'depth'), metric
     ground truth and valid mask -> AbsRel, delta1..3, RMSE after least-squares scale-and-shift alignment on
-    the valid pixels inside [dmin, dmax], the aligned depth clipped to [dmin, dmax] (Marigold's protocol)."""
-    v = valid & torch.isfinite(gt) & (gt > dmin) & (gt < dmax)
+    the valid pixels inside [dmin, dmax], the aligned depth clipped to [dmin, dmax] (Marigold's protocol).
+    in_range=False: the mask alone says which pixels count (Marigold's DIODE: its mask files), the range only clips."""
+    v = valid & torch.isfinite(gt) & (gt > 0) & (((gt > dmin) & (gt < dmax)) if in_range else True)
     p, g = pred[v].double(), gt[v].double()
     if len(g) == 0:
         raise DepthError("no valid ground-truth pixel inside the dataset's depth range; check --min/--max-depth")

@@ -4,6 +4,7 @@ the tiny family's evaluations, each writing its own section of RESULTS.md.
     python toy/evaluate.py reproduce              # RESULTS.md + results.png (the budget: <= 60 min on 2 cores)
     python toy/evaluate.py reproduce --quick      # the same pipeline on tiny settings, ~1 min (tests run it)
     python toy/evaluate.py depth --ckpt runs/depth/final.safetensors      # image-to-depth (toy/depth_eval.py)
+    python toy/evaluate.py depth --dataset nyuv2 PATH --ckpt ...          # a benchmark (toy/benchmarks.py)
     python toy/evaluate.py reflow --student runs/reflow/final.safetensors  # 2-4 step sampling (toy/reflow_eval.py)
 
 The tiny prior (assets/demo/prior_tiny.safetensors: a v-prediction diffusion model trained at 32 px, playing
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import benchmarks  # noqa: E402
 import common  # noqa: E402
 import depth  # noqa: E402
 import depth_eval  # noqa: E402
@@ -398,24 +400,31 @@ def run_reproduce(a):
 
 
 def add_depth(sub):
-    p = sub.add_parser("depth", help="image-to-depth models on a pair folder: AbsRel, delta1..3, RMSE (depth.py)",
+    p = sub.add_parser("depth", help="image-to-depth models on a pair folder or a benchmark (NYUv2, KITTI, ETH3D, "
+                       "ScanNet, DIODE): AbsRel, delta1 (depth.py)",
                        description="Marigold's protocol: least-squares scale-and-shift alignment on the valid pixels "
                        "(in log depth: the models predict affine-invariant log depth; depth-space alignment is "
                        "reported beside it), clipped to the dataset's depth range. Every --ckpt x --steps x "
-                       "--ensemble, plus each model's VAE floor (decode(encode(ground truth))).")
+                       "--ensemble; on a pair folder also each model's VAE floor (decode(encode(ground truth))). "
+                       "With PATH: the benchmark --dataset in Marigold's layout (toy/benchmarks.py, README).")
+    p.add_argument("path", nargs="?", metavar="PATH", help="a benchmark's folder or Marigold's tar of it (with "
+                   "--dataset " + "|".join(benchmarks.BENCHMARKS) + ")")
     p.add_argument("--data", help="pair folder, rgb/ + depth/ (default: 128 held-out scenes.py scenes at 64 px, "
                    "seed 10001, written once to runs/data/)")
     p.add_argument("--ckpt", action="append", help="depth model(s); repeat to compare "
                    f"(default: the bundled demo, {os.path.relpath(depth.DEMO, ROOT)})")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10], help="Euler step counts (default: 1 2 4 10)")
-    p.add_argument("--ensemble", type=int, nargs="+", default=[1, 4], help="ensemble sizes (default: 1 4)")
+    p.add_argument("--steps", type=int, nargs="+", help="Euler step counts (default: 1 2 4 10; a benchmark: 10)")
+    p.add_argument("--ensemble", type=int, nargs="+", help="ensemble sizes (default: 1 4; a benchmark: 4)")
     p.add_argument("--n", type=int, help="only the first N pairs (default: all)")
-    p.add_argument("--dataset", choices=list(depth.DEPTH_RANGES), default="scenes",
-                   help="its [min, max] evaluation depth range in metres: " +
-                   ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in depth.DEPTH_RANGES.items()) +
-                   " (default: %(default)s)")
-    p.add_argument("--processing-res", type=int, help="pixels the models run at "
-                   "(default: each model's training resolution)")
+    p.add_argument("--dataset", choices=list(depth.DEPTH_RANGES) + [b for b in benchmarks.BENCHMARKS
+                                                                   if b not in depth.DEPTH_RANGES],
+                   default="scenes", help="with PATH: the benchmark; else the pair folder's [min, max] evaluation "
+                   "depth range in metres: " + ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in
+                                                         depth.DEPTH_RANGES.items()) + " (default: %(default)s)")
+    p.add_argument("--split", help="with PATH: the benchmark's file list (default: Marigold's, "
+                   "assets/depth_splits/DATASET.txt)")
+    p.add_argument("--processing-res", type=int, help="pixels of the longer side the models run at, 0 = the "
+                   "image's own (default: a benchmark 512, the paper's 384x512; else each model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="pair i uses noise seed + i (default: %(default)s)")
     p.add_argument("--baseline", metavar="DIR", help="also score the mean normalised depth map of this pair folder "
                    "(e.g. the training data) as a prediction: what a model learns that ignores the image")
@@ -425,8 +434,14 @@ def add_depth(sub):
 
 
 def run_depth(a):
+    if a.path:
+        return run_benchmark(a)
+    a.steps, a.ensemble = a.steps or [1, 2, 4, 10], a.ensemble or [1, 4]
     if min(a.steps + a.ensemble) < 1 or (a.n is not None and a.n < 1):
         common.usage_error("--steps, --ensemble and --n must be >= 1")
+    if a.dataset not in depth.DEPTH_RANGES:
+        common.usage_error(f"--dataset {a.dataset} is a benchmark: give its folder, evaluate.py depth --dataset "
+                           f"{a.dataset} PATH")
     torch.set_num_threads(1)  # the tiny models: one thread is fastest on a busy CPU (see train.py --threads)
     ckpts, data = a.ckpt or [depth.DEMO], a.data or depth_eval.heldout_scenes()
     try:
@@ -438,6 +453,35 @@ def run_depth(a):
     if a.results:
         command = "python toy/evaluate.py depth " + " ".join(f"--ckpt {os.path.relpath(c)}" for c in ckpts)
         metrics.update_results(a.results, "depth", depth_eval.results_section(rows, command, data))
+    if a.json:
+        save_json(rows, a.json)
+    return rows
+
+
+def run_benchmark(a, predictor=None):
+    """evaluate.py depth --dataset NAME PATH: every --ckpt x steps x ensemble on the benchmark (toy/benchmarks.py).
+    predictor (tests): (i, image) -> prediction, instead of the models."""
+    a.steps, a.ensemble = a.steps or [10], a.ensemble or [4]  # the paper's
+    res = 512 if a.processing_res is None else a.processing_res
+    if min(a.steps + a.ensemble) < 1 or (a.n is not None and a.n < 1) or res < 0:
+        common.usage_error("--steps, --ensemble and --n must be >= 1, --processing-res >= 0")
+    if a.dataset not in benchmarks.BENCHMARKS or a.data or a.baseline:
+        common.usage_error(f"PATH is a benchmark's folder: --dataset {'|'.join(benchmarks.BENCHMARKS)}, and no "
+                           "--data or --baseline (those are for pair folders)")
+    rows = []
+    try:
+        ds = benchmarks.BenchmarkDataset(a.dataset, a.path, a.split)
+        for ckpt in ([None] if predictor else a.ckpt or [depth.DEMO]):
+            bundle = depth.load_model(ckpt) if ckpt else None
+            for s, e in ((s, e) for s in a.steps for e in a.ensemble):
+                fn = predictor or benchmarks.model_predictor(bundle, s, e, a.seed, res)
+                m = benchmarks.evaluate(ds, fn, a.n, f"{a.dataset} steps {s} ens {e}")
+                rows.append({"model": bundle.name if bundle else "predictor", "dataset": a.dataset, "steps": s,
+                             "ensemble": e, "processing_res": res, **m})
+                print(benchmarks.markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    except depth.DepthError as e:
+        common.fail(str(e))
+    print(benchmarks.markdown_table(rows))
     if a.json:
         save_json(rows, a.json)
     return rows
