@@ -1,5 +1,6 @@
 """The few pieces the programs share: one-line errors and warnings, atomic writes, image files read as RGB, data
-folders written once, and the training state that knows nothing of the models (RNG states, EMA, allocator)."""
+folders written once, the training state that knows nothing of the models (RNG states, EMA, allocator), and
+what a run shows while it runs (RunLog: log.jsonl, the progress bar, loss.png, TensorBoard)."""
 import argparse
 import ctypes
 import dataclasses
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 USAGE, FAILURE = 2, 1  # exit statuses: a usage error (arguments, as argparse), a failure (files, data, training)
 
@@ -496,3 +497,109 @@ def stop_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- watching a run
+
+def smooth(values, span):
+    """Bias-corrected exponential moving average (TensorBoard's smoothing) with weight 2 / (span + 1) on the newest."""
+    w, avg, norm, out = 1 - 2 / (span + 1), 0.0, 0.0, []
+    for v in values:
+        avg, norm = w * avg + (1 - w) * v, w * norm + (1 - w)
+        out.append(avg / norm)
+    return out
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values (1, 2, 5 x 10^k apart) covering [lo, hi]."""
+    raw = max(hi - lo, 1e-12) / n
+    step = min((m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** np.floor(np.log10(raw)) >= raw))
+    return [k * step for k in range(int(np.ceil(lo / step)), int(np.floor(hi / step)) + 1)]
+
+
+def plot_loss(steps, losses, path, title="training loss", size=(900, 420)):
+    """The loss curve as a PNG (PIL only): each step's loss in light blue, its moving average (span 1.5 sqrt(steps):
+    12 of 60, 37 of 600, enough to see the trend through the noise of random t) in dark blue, the y range set by
+    the average and the raw values' 2-98% quantiles (a spike of the first steps does not flatten the rest),
+    labelled axes with round ticks."""
+    W, H = size
+    img, font = Image.new("RGB", size, "white"), ImageFont.load_default(size=14)
+    draw, (x0, y0, x1, y1) = ImageDraw.Draw(img), (70, 40, W - 20, H - 45)
+    span = max(1, round(1.5 * len(losses) ** 0.5))
+    avg = smooth(losses, span)
+    lo = min(min(avg), float(np.quantile(losses, 0.02)))
+    hi = max(max(avg), float(np.quantile(losses, 0.98)))
+    lo, hi = lo - 0.05 * (hi - lo + 1e-12), hi + 0.05 * (hi - lo + 1e-12)
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+    X = lambda s: x0 + (s - s0) / (s1 - s0) * (x1 - x0)
+    Y = lambda v: y1 - (min(max(v, lo), hi) - lo) / (hi - lo) * (y1 - y0)
+    for t in nice_ticks(lo, hi):
+        draw.line((x0, Y(t), x1, Y(t)), fill=(230, 230, 230))
+        draw.text((x0 - 6, Y(t)), f"{t:.4g}", fill="black", font=font, anchor="rm")
+    for t in nice_ticks(s0, s1, 8):
+        draw.line((X(t), y1, X(t), y1 + 4), fill="black")
+        draw.text((X(t), y1 + 6), f"{t:g}", fill="black", font=font, anchor="ma")
+    if len(steps) > 1:
+        draw.line([(X(s), Y(v)) for s, v in zip(steps, losses)], fill=(170, 200, 235), width=1)
+        draw.line([(X(s), Y(v)) for s, v in zip(steps, avg)], fill=(20, 70, 160), width=3)
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    draw.text((x0, 12), f"{title} at step {steps[-1]}: {avg[-1]:.4g} (dark: moving average over ~{span} steps; "
+              "light: each step)", fill="black", font=font)
+    draw.text(((x0 + x1) // 2, H - 18), "step", fill="black", font=font, anchor="ma")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def tensorboard_writer(folder):
+    """torch's TensorBoard SummaryWriter (optional: the tensorboard package); a missing package is one line."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("--tensorboard needs the tensorboard package: pip install tensorboard (or leave --tensorboard out: "
+             "loss.png is drawn beside the sample grids)")
+    return SummaryWriter(folder)
+
+
+class RunLog:
+    """What a training run shows while it runs: OUT/log.jsonl (one line per step: step, loss, lr, grad_norm,
+    time), the progress bar's loss, lr and images/s (tqdm adds the ETA), at each sample grid a fresh
+    loss.png beside it, and with tensorboard=True the same scalars, the step time and the grids in OUT/tensorboard.
+    master=False (the other DDP ranks): every method does nothing."""
+
+    def __init__(self, out, start, images_per_step, tensorboard=False, master=True):
+        self.master, self.images_per_step, self.sec, self.tb = master, images_per_step, None, None
+        if master:
+            self.tb = tensorboard_writer(os.path.join(out, "tensorboard")) if tensorboard else None
+            self.file = open_log(os.path.join(out, "log.jsonl"), start)
+
+    def step(self, bar, step, loss, lr, grad_norm, sec):
+        if not self.master:
+            return
+        self.file.write(json.dumps(dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, time=sec)) + "\n")
+        self.sec = sec if self.sec is None else 0.9 * self.sec + 0.1 * sec  # images/s: steadier over ~10 steps
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_per_s=f"{self.images_per_step / self.sec:.1f}")
+        if self.tb:
+            for k, v in dict(loss=loss, lr=lr, grad_norm=grad_norm, step_time=sec,
+                             images_per_s=self.images_per_step / sec).items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def grid(self, path, step):
+        """After a sample grid was written to path: loss.png beside it (from log.jsonl), the grid to TensorBoard."""
+        if not self.master:
+            return
+        self.file.flush()
+        with open(self.file.name) as f:
+            rows = [json.loads(line) for line in f if line.endswith("\n")]
+        if rows:
+            plot_loss([r["step"] for r in rows], [r["loss"] for r in rows],
+                      os.path.join(os.path.dirname(path), "loss.png"))
+        if self.tb and os.path.exists(path):
+            with Image.open(path) as im:
+                self.tb.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
+
+    def close(self):
+        if self.master:
+            self.file.close()
+        if self.tb:
+            self.tb.close()

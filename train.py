@@ -35,8 +35,8 @@ import diff2flow
 import lora
 import reflow
 import sd
-from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, dataclass_parser, fail,
-                    load_checkpoint_file, one_line_warnings, open_log, return_freed_memory, rng_state,
+from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, RunLog, dataclass_parser, fail,
+                    load_checkpoint_file, one_line_warnings, return_freed_memory, rng_state,
                     save_checkpoint_file, seed_all, set_rng_state, stop_signals, usage_error)
 
 DEMO_PRIOR = os.path.join(data.ROOT, "assets", "demo", "prior_tiny.safetensors")
@@ -82,6 +82,7 @@ class TrainConfig:  # None: the preset's value
     keep: int = arg(2, "checkpoints kept, as ckpt-STEP.pt (ckpt.pt: a link to the newest)")
     sample_every: int = arg(None, "write a sample grid every N steps (0 = never)")
     sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
+    tensorboard: bool = arg(False, "also log to --out/tensorboard (pip install tensorboard); else see samples/loss.png")
     cache: bool = arg(None, "t2i: encode every image and caption once (--out/cache.pt), then run only the UNet")
     bf16: bool = arg(None, "bf16 autocast, fp32 master weights (default: on for CUDA)")
     compile: bool = arg(False, "torch.compile the UNet")
@@ -331,7 +332,7 @@ def loop(run, state):
     if cfg.cache:  # every context is computed now: the text encoder and VAE encoder can leave the GPU
         run.bundle.text_encoder.to("cpu"), run.bundle.vae.encoder.to("cpu")
     batches, grid = run.data.batches(run.data_pos), lambda n: os.path.join(cfg.out, "samples", f"step_{n:06d}.png")
-    log = open_log(os.path.join(cfg.out, "log.jsonl"), run.start) if env.master else None
+    log = RunLog(cfg.out, run.start, run.G, cfg.tensorboard, env.master)  # log.jsonl, loss.png, TB (no-op off rank 0)
     if env.master and state is None and cfg.sample_every:
         sample(run.unet, run.objective, grid(0))
     if state is not None:
@@ -350,18 +351,16 @@ def loop(run, state):
                     raise
                 stop_if_asked(run, step, flag, bar, now=True)
             done, sec = step + 1, time.time() - t0
-            if env.master:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_per_s=f"{run.G / sec:.1f}")
-                log.write(json.dumps(dict(step=done, loss=loss, lr=lr, grad_norm=grad_norm, time=sec)) + "\n")
+            log.step(bar, done, loss, lr, grad_norm, sec)
             if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 save_checkpoint(run, done)
             if env.master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
                 with run.ema.applied() if run.ema else nullcontext():
                     sample(run.unet, run.objective, grid(done))
+                log.grid(grid(done), done)
             if done < cfg.steps:
                 stop_if_asked(run, done, flag, bar)
-    if log:  # (the bar closed itself at the end of its range)
-        log.close()
+    log.close()  # (the bar closed itself at the end of its range)
     return save_final(run) if env.master else os.path.join(cfg.out, "final.safetensors")
 
 
