@@ -6,6 +6,7 @@ the tiny family's evaluations, each writing its own section of RESULTS.md.
     python toy/evaluate.py depth --ckpt runs/depth/final.safetensors      # image-to-depth (toy/depth_eval.py)
     python toy/evaluate.py depth --dataset nyuv2 PATH --ckpt ...          # a benchmark (toy/benchmarks.py)
     python toy/evaluate.py reflow --student runs/reflow/final.safetensors  # 2-4 step sampling (toy/reflow_eval.py)
+    python toy/evaluate.py t2i --prompts captions_val2017.json --real val2017/ --ckpt ...  # FID, CLIP (toy/t2i_eval.py)
 
 The tiny prior (assets/demo/prior_tiny.safetensors: a v-prediction diffusion model trained at 32 px, playing
 SD's role) is fine-tuned to twice its resolution, 64 px, with {diffusion, naive FM, Diff2Flow} x {full, LoRA}
@@ -42,7 +43,9 @@ import diff2flow  # noqa: E402
 import metrics  # noqa: E402
 import reflow_eval  # noqa: E402
 import sd  # noqa: E402
+import sample  # noqa: E402
 import synth  # noqa: E402
+import t2i_eval  # noqa: E402
 import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -522,7 +525,43 @@ def run_reflow(a):
     return res
 
 
-COMMANDS = [add_reproduce, add_depth, add_reflow]  # each adds its subcommand: evaluate.py reproduce | depth | reflow
+def add_t2i(sub):
+    p = sub.add_parser("t2i", help="FID and CLIP score of one sample per caption (COCO), resumable, torchrun-sharded",
+                       description=t2i_eval.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", required=True, help="captions.txt (one per line) or COCO's captions_*.json")
+    p.add_argument("--real", help="folder of the real images FID compares with (e.g. COCO val2017/)")
+    p.add_argument("--ckpt", help="checkpoint, diffusers folder or cached repo id (default: the tiny demo)")
+    p.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors merged into --ckpt's UNet")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v for original files that do not say")
+    p.add_argument("--n", type=int, help="only the first N captions (default: all)")
+    p.add_argument("--steps", type=int, help="ODE steps (default: metadata 'steps', else 25)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: metadata 'cfg', else 7.5)")
+    p.add_argument("--sampler", choices=list(sample.SAMPLERS), default="euler", help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="caption i uses noise seed + i (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="images per UNet batch (default: %(default)s)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's native size)")
+    p.add_argument("--out", default="runs/t2i-eval", help="images/, real_features.pt, metrics.json (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=list(sample.DTYPES), help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--inception", metavar="FILE", help=f"{t2i_eval.INCEPTION} (default: clean-fid's place for it, "
+                   "the temp folder)")
+    p.add_argument("--clip", default=t2i_eval.DEFAULT_CLIP, help="CLIP folder or cached repo id "
+                   "(default: %(default)s)")
+    p.add_argument("--no-fid", action="store_true", help="skip FID")
+    p.add_argument("--no-clip", action="store_true", help="skip the CLIP score")
+    p.set_defaults(run=run_t2i)
+
+
+def run_t2i(a):
+    if min(a.n or 1, a.batch, a.steps or 1) < 1:
+        common.usage_error("--n, --batch and --steps must be >= 1")
+    if not a.real and not a.no_fid:
+        common.usage_error("FID needs --real DIR (the real images, e.g. COCO val2017/), or pass --no-fid")
+    return t2i_eval.evaluate(a)
+
+
+COMMANDS = [add_reproduce, add_depth, add_reflow, add_t2i]  # each adds its subcommand: evaluate.py reproduce | ...
 
 
 def parser():
