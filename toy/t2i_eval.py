@@ -233,29 +233,40 @@ def evaluate(a):
     captions = read_captions(a.prompts)[:a.n]
     if not captions:
         fail(f"--prompts {a.prompts}: no captions")
-    rank, world, device = distributed(a.device)
-    a.device = device
-    bundle = sample.load_model(a, sample.DTYPES[a.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
-    if device == "cpu":
+    rank, world, a.device = distributed(a.device)
+    try:
+        res = sample_all(a, captions, rank, world)
+        if world > 1:
+            dist.barrier()  # every shard written before rank 0 reads them
+        return score(a, captions, res) if rank == 0 else None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sample_all(a, captions, rank, world):
+    """This rank's missing images -> the settings that made them (metrics.json's first fields)."""
+    bundle = sample.load_model(a, sample.DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")])
+    if a.device == "cpu":
         cpu_fast.enable(bundle.unet)
     size = sample.image_size(a, bundle, bundle.meta)
-    steps, cfg = a.steps or int(bundle.meta.get("steps", 25)), a.cfg if a.cfg is not None else float(bundle.meta.get("cfg", 7.5))
+    steps = a.steps or int(bundle.meta.get("steps", 25))
+    cfg = a.cfg if a.cfg is not None else float(bundle.meta.get("cfg", 7.5))
     made = sample_captions(bundle, captions, a.out, size, steps, cfg, a.seed, a.batch, rank, world, a.sampler)
-    if world > 1:
-        dist.barrier()
-    if rank:
-        return None
+    return {"model": bundle.name, "images": len(captions), "sampled_by_rank0": made, "steps": steps, "cfg": cfg,
+            "sampler": a.sampler, "size": list(size), "seed": a.seed}
+
+
+def score(a, captions, res):
+    """FID against --real and the CLIP score of the images of OUT/images, into res and OUT/metrics.json."""
     paths = [image_path(a.out, i) for i in range(len(captions))]
-    res = {"model": bundle.name, "images": len(paths), "sampled_by_rank0": made, "steps": steps, "cfg": cfg,
-           "sampler": a.sampler, "size": list(size), "seed": a.seed}
-    del bundle
     if not a.no_fid:
-        net, resize = inception(find_inception(a.inception), device)
-        real = real_features(a.real, net, resize, device, size, os.path.join(a.out, "real_features.pt"))
-        res["fid"] = frechet_distance(fid_features(paths, net, resize, device, desc="samples"), real)
+        net, resize = inception(find_inception(a.inception), a.device)
+        real = real_features(a.real, net, resize, a.device, res["size"], os.path.join(a.out, "real_features.pt"))
+        res["fid"] = frechet_distance(fid_features(paths, net, resize, a.device, desc="samples"), real)
         res["real_images"] = len(real)
     if not a.no_clip:
-        res["clip_score"] = clip_score(paths, captions, load_clip(a.clip, device), device)
+        res["clip_score"] = clip_score(paths, captions, load_clip(a.clip, a.device), a.device)
     with atomic_path(os.path.join(a.out, "metrics.json")) as tmp, open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res))
