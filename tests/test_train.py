@@ -59,7 +59,7 @@ def unet_out(unet):
 def test_lora_run_writes_everything_and_sample_py_loads_it(tiny, tmp_path):
     out = tmp_path / "run"
     final = train.main(args(tiny, out, "--lora", "small", "--steps", "4", "--sample-every", "2"))
-    assert sorted(os.listdir(out / "samples")) == [f"step_00000{i}.png" for i in (0, 2, 4)]
+    assert sorted(os.listdir(out / "samples")) == ["loss.png"] + [f"step_00000{i}.png" for i in (0, 2, 4)]  # + the curve
     assert Image.open(out / "samples" / "step_000004.png").size == (4 * 32, 32)  # 4 fixed prompts side by side
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and set(log[0]) == {"step", "loss", "lr", "grad_norm", "time"}

@@ -82,7 +82,7 @@ def evaluate_constant(y, ds, drange, n=None):
 
 
 def evaluate_models(ckpts, data, steps=(1, 2, 4, 10), ensembles=(1, 4), n=None, drange=DEPTH_RANGES["scenes"],
-                    res=None, seed=0, baseline=None):
+                    res=None, seed=0, baseline=None, device="cpu"):
     """Every model x steps x ensemble on the pair folder `data` (+ each VAE's floor, + with `baseline`, a pair
     folder of training data, its mean depth map as a prediction) -> list of result rows."""
     ds, rows = PairDataset(data), []
@@ -91,7 +91,7 @@ def evaluate_models(ckpts, data, steps=(1, 2, 4, 10), ensembles=(1, 4), n=None, 
         rows.append({"model": os.path.basename(os.path.normpath(baseline)), "objective": "mean depth map",
                      "steps": 0, "ensemble": 0, **evaluate_constant(mean, ds, drange, n), "sec_per_image": 0.0})
     for ckpt in ckpts:
-        bundle = load_model(ckpt)
+        bundle = load_model(ckpt, device)
         r = res or int(bundle.meta.get("resolution", 64))
         rows.append({"model": bundle.name, "objective": "VAE floor", "steps": 0, "ensemble": 0,
                      **vae_floor(bundle, ds, r, drange, n), "sec_per_image": 0.0})

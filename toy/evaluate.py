@@ -429,6 +429,7 @@ def add_depth(sub):
     p.add_argument("--processing-res", type=int, help="pixels of the longer side the models run at, 0 = the "
                    "image's own (default: a benchmark 512, the paper's 384x512; else each model's training resolution)")
     p.add_argument("--seed", type=int, default=0, help="pair i uses noise seed + i (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     p.add_argument("--baseline", metavar="DIR", help="also score the mean normalised depth map of this pair folder "
                    "(e.g. the training data) as a prediction: what a model learns that ignores the image")
     p.add_argument("--json", help="also write the rows as JSON here")
@@ -449,7 +450,7 @@ def run_depth(a):
     ckpts, data = a.ckpt or [depth.DEMO], a.data or depth_eval.heldout_scenes()
     try:
         rows = depth_eval.evaluate_models(ckpts, data, a.steps, a.ensemble, a.n, depth.DEPTH_RANGES[a.dataset],
-                                          a.processing_res, a.seed, a.baseline)
+                                          a.processing_res, a.seed, a.baseline, a.device)
     except depth.DepthError as e:
         common.fail(str(e))
     print(depth_eval.markdown_table(rows))
@@ -475,7 +476,7 @@ def run_benchmark(a, predictor=None):
     try:
         ds = benchmarks.BenchmarkDataset(a.dataset, a.path, a.split)
         for ckpt in ([None] if predictor else a.ckpt or [depth.DEMO]):
-            bundle = depth.load_model(ckpt) if ckpt else None
+            bundle = depth.load_model(ckpt, a.device) if ckpt else None
             for s, e in ((s, e) for s in a.steps for e in a.ensemble):
                 fn = predictor or benchmarks.model_predictor(bundle, s, e, a.seed, res)
                 m = benchmarks.evaluate(ds, fn, a.n, f"{a.dataset} steps {s} ens {e}")

@@ -247,6 +247,7 @@ def evaluate(a):
 def sample_all(a, captions, rank, world):
     """This rank's missing images -> the settings that made them (metrics.json's first fields)."""
     bundle = sample.load_model(a, sample.DTYPES[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")])
+    sample.check_model(a, bundle)  # a text-to-image UNet; DDIM only for a diffusion-parameterised one
     if a.device == "cpu":
         cpu_fast.enable(bundle.unet)
     size = sample.image_size(a, bundle, bundle.meta)
