@@ -1,6 +1,7 @@
 """The depth benchmarks' loaders and protocol (toy/benchmarks.py, evaluate.py depth --dataset NAME PATH): a few
 synthetic files per dataset in Marigold's layout, scored with injected predictors whose metrics are known in
 closed form (no diffusion model runs), and one tiny end-to-end call of the demo model."""
+import json
 import math
 import tarfile
 
@@ -178,8 +179,9 @@ def test_end_to_end_with_the_demo_depth_model(tmp_path):
     rgb(tmp_path / "scannet" / r[0], d.shape), png16(tmp_path / "scannet" / r[1], d, 1000)
     rows = evaluate.main(["depth", "--dataset", "scannet", str(tmp_path / "scannet"), "--split",
                           split(tmp_path, [r]), "--steps", "2", "--ensemble", "2", "--processing-res", "64",
-                          "--json", str(tmp_path / "rows.json")])
+                          "--json", str(tmp_path / "rows.json"), "--results", str(tmp_path / "RESULTS.md")])
     m = rows[0]
     assert m["n"] == 1 and m["steps"] == 2 and m["ensemble"] == 2 and m["pixels"] == 48 * 64
     assert all(math.isfinite(m[k]) for k in ("abs_rel", "delta1", "depth_abs_rel", "depth_delta1"))
-    assert 0 <= m["delta1"] <= 1 and (tmp_path / "rows.json").exists()
+    assert 0 <= m["delta1"] <= 1 and json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert "<!-- begin depth-scannet -->" in (tmp_path / "RESULTS.md").read_text()

@@ -433,7 +433,8 @@ def add_depth(sub):
     p.add_argument("--baseline", metavar="DIR", help="also score the mean normalised depth map of this pair folder "
                    "(e.g. the training data) as a prediction: what a model learns that ignores the image")
     p.add_argument("--json", help="also write the rows as JSON here")
-    p.add_argument("--results", help="also write the summary as the 'depth' section of this RESULTS.md")
+    p.add_argument("--results", help="also write the summary as the 'depth' (a benchmark: 'depth-DATASET') section "
+                   "of this RESULTS.md")
     p.set_defaults(run=run_depth)
 
 
@@ -486,6 +487,11 @@ def run_benchmark(a, predictor=None):
     except depth.DepthError as e:
         common.fail(str(e))
     print(benchmarks.markdown_table(rows))
+    if a.results:
+        metrics.update_results(a.results, f"depth-{a.dataset}", f"## Depth: {a.dataset}\n\n`python toy/evaluate.py "
+                               f"depth --dataset {a.dataset} {a.path}`, processing resolution {res}: per-image "
+                               f"metrics, aligned in log depth and in depth (Marigold's).\n\n"
+                               + benchmarks.markdown_table(rows))
     if a.json:
         save_json(rows, a.json)
     return rows
