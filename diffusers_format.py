@@ -164,7 +164,7 @@ def _diffusers_configs(folder):
 
 # ----------------------------------------------------------------------------- weights
 
-_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+))?\.(safetensors|bin)$")
+WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+))?\.(safetensors|bin)$")
 
 
 def component_file(folder, name):
@@ -173,7 +173,7 @@ def component_file(folder, name):
     fp16 before other variants; a folder holding only variants loads (each tensor is cast as it is read)."""
     d = os.path.join(folder, name)
     found = [(m[3] != "safetensors", m[2] is not None, m[2] != "fp16", f)
-             for f in (os.listdir(d) if os.path.isdir(d) else ()) if (m := _WEIGHTS.match(f))]
+             for f in (os.listdir(d) if os.path.isdir(d) else ()) if (m := WEIGHTS.match(f))]
     if not found:
         raise LoadError(f"{d}: no weights found (expected diffusion_pytorch_model[.fp16].safetensors or "
                         "model[.fp16].safetensors); is the diffusers folder complete?")

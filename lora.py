@@ -325,8 +325,8 @@ def is_kohya(keys) -> bool:
 
 def kohya_kind_error(keys, what: str) -> str | None:
     """A one-line refusal for a kohya-style file holding something other than plain LoRA/diff layers."""
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        return f"{what}: an SDXL LoRA (lora_te1_/lora_te2_ keys); SDXL is not supported (SD 1.x/2.x LoRAs only)"
+    if any(k.startswith("lora_te2_") for k in keys):
+        return f"{what}: an SDXL LoRA (lora_te2_ keys: a second text encoder); SDXL is not supported (SD 1.x/2.x only)"
     leaves = {k.partition(".")[2] for k in keys} - set(KOHYA_LEAVES)
     kinds = sorted({kind for leaf in leaves for mark, kind in OTHER_KINDS.items() if leaf.startswith(mark)})
     if kinds:
@@ -338,7 +338,7 @@ def kohya_kind_error(keys, what: str) -> str | None:
 def _kohya_te_targets(te: nn.Module) -> dict:
     """kohya text-encoder names -> (weight, bias) views. SD1's modules are transformers' CLIPTextModel names
     already; SD2's (OpenCLIP layout) also answer to those, q/k/v being row blocks of the fused in_proj."""
-    out = {KOHYA_TE + n.replace(".", "_"): (m.weight, m.bias) for n, m in te.named_modules()
+    out = {KOHYA_TE + n.replace(".", "_"): (m.weight, getattr(m, "bias", None)) for n, m in te.named_modules()
            if isinstance(getattr(m, "weight", None), torch.Tensor)}
     if te.cfg.layout == "openclip":
         W = te.cfg.width
@@ -359,8 +359,17 @@ def kohya_targets(unet: nn.Module, text_encoder: nn.Module | None = None) -> dic
     out = {}
     for n, m in unet.named_modules():
         if isinstance(getattr(m, "weight", None), torch.Tensor):
-            out[KOHYA_UNET + n.replace(".", "_")] = out[kohya_unet_name(n, unet.cfg)] = (m.weight, m.bias)
+            out[KOHYA_UNET + n.replace(".", "_")] = out[kohya_unet_name(n, unet.cfg)] = (m.weight, getattr(m, "bias", None))
     return {**out, **(_kohya_te_targets(text_encoder) if text_encoder is not None else {})}
+
+
+def _kohya_te_name(key: str) -> str:
+    """Text-encoder names as _kohya_te_targets knows them: diffusers' convert_state_dict_to_kohya writes an SD1/SD2
+    encoder as lora_te1_ (SDXL's first one's name), and transformers >= 5.6 dropped CLIPTextModel's text_model."""
+    key = KOHYA_TE + key.removeprefix("lora_te1_") if key.startswith("lora_te1_") else key
+    if key.startswith(tuple(KOHYA_TE + p for p in ("encoder_layers_", "embeddings_", "final_layer_norm"))):
+        key = KOHYA_TE + "text_model_" + key.removeprefix(KOHYA_TE)
+    return key
 
 
 def _kohya_delta(leaves: dict, w: torch.Tensor, name: str) -> torch.Tensor:
@@ -381,6 +390,8 @@ def merge_kohya(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None =
     Text-encoder layers past the ones we build (SD2's last block) cannot change SD's context: skipped."""
     if msg := kohya_kind_error(tensors, what):
         raise ValueError(msg)
+    # diffusers' convert_state_dict_to_kohya names an SD1/SD2 text encoder lora_te1_ (SDXL's first one's name)
+    tensors = {_kohya_te_name(k): v for k, v in tensors.items()}
     groups: dict[str, dict] = {}
     for k, v in tensors.items():
         name, _, leaf = k.partition(".")
@@ -392,14 +403,18 @@ def merge_kohya(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None =
     unknown = sorted(set(groups) - targets.keys())
     if unknown:
         raise ValueError(f"{what}: {len(unknown)} of {len(groups)} LoRA layers match no layer of this model, e.g. "
-                         f"{unknown[:2]}; is it a LoRA for another base model (SD1/SD2)?")
+                         f"{unknown[:2]}; is it a LoRA for another base model (SD1/SD2/SDXL)?")
     for name, leaves in groups.items():
         w, b = targets[name]
         delta = _kohya_delta(leaves, w, name) if "lora_down.weight" in leaves else 0
-        delta = delta + leaves["diff"].float().reshape(w.shape) if "diff" in leaves else delta
-        w += delta.to(w.dtype) if torch.is_tensor(delta) else delta
+        if "diff" in leaves:
+            if leaves["diff"].shape != w.shape:
+                raise ValueError(f"{name}.diff has shape {tuple(leaves['diff'].shape)}, the layer {tuple(w.shape)}; "
+                                 "a LoRA for another base model (SD1 vs SD2?)")
+            delta = delta + leaves["diff"].float()
+        w += delta.to(w) if torch.is_tensor(delta) else delta
         if "diff_b" in leaves:
-            b += leaves["diff_b"].to(b.dtype).reshape(b.shape)
+            b += leaves["diff_b"].to(b).reshape(b.shape)
     return len(groups)
 
 
