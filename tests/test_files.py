@@ -191,3 +191,61 @@ def test_export_cli_diff_keys_and_reimport(tmp_path, capsys):
     assert note.startswith("no final_kohya.safetensors") and "widened" in note, note
     with pytest.raises(SystemExit, match="--lora-full must include 'first'"):
         lora.config_from_args("small", "none", "depth")
+
+
+# ----------------------------------------------------------------------------- foreign files, each named
+
+def load_error(path, match):
+    with pytest.raises(sd.LoadError, match=match) as e:
+        sd.load(str(path))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_foreign_files_are_named(tmp_path):
+    b = random_bundle()
+    save_file(b.vae.state_dict(), str(tmp_path / "vae.safetensors"))
+    load_error(tmp_path / "vae.safetensors", "a VAE alone .*pass a full SD 1.x/2.x checkpoint")
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(1, 4, 3, 3)}, str(tmp_path / "style.safetensors"))
+    load_error(tmp_path / "style.safetensors", "a kohya/A1111 LoRA, not a model; pass the base .* --lora")
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(1, 4)}, str(tmp_path / "peft.safetensors"))
+    load_error(tmp_path / "peft.safetensors", "a diffusers/peft LoRA")
+    rules = df.unet_key_rules(b.unet.cfg)
+    diffusers_unet = {df.diffusers_unet_key(k, *rules): v for k, v in b.unet.state_dict().items()}
+    save_file(diffusers_unet, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    load_error(tmp_path / "diffusion_pytorch_model.safetensors", "a diffusers-format UNet alone .*pass the diffusers folder")
+    save_file({**diffusers_unet, "add_embedding.linear_1.weight": torch.zeros(1)}, str(tmp_path / "xl.safetensors"))
+    load_error(tmp_path / "xl.safetensors", "SDXL is not supported")
+    for name, config in (("unet", {"_class_name": "UNet2DConditionModel"}),
+                         ("xl", {"_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time",
+                                 "cross_attention_dim": 2048})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        save_file(diffusers_unet, str(tmp_path / name / "diffusion_pytorch_model.fp16.safetensors"))
+    load_error(tmp_path / "unet", "a diffusers UNet2DConditionModel folder alone; pass the diffusers pipeline folder")
+    load_error(tmp_path / "xl", "an SDXL UNet; SDXL is not supported")
+
+
+def test_depth2img_keys_are_named(tmp_path):
+    b = random_bundle()
+    extra = {"depth_model.scratch.output_conv.0.weight": torch.zeros(2, 2), "depth_model.pretrained.x": torch.zeros(2)}
+    save_file({**sd.state_dict(b), **extra}, str(tmp_path / "depth.safetensors"), metadata=sd.metadata(b))
+    with pytest.warns(UserWarning, match=r"SD2 depth2img checkpoint: its 2 depth_model\.\* keys .* not loaded"):
+        sd.load(str(tmp_path / "depth.safetensors"))
+
+
+@torch.no_grad()
+def test_fp16_variant_folder_loads_and_unet_file_finds_its_folder(tmp_path):
+    from test_sd import diffusers_folder
+    unet, _, _, _ = diffusers_folder(tmp_path, "sd1")
+    for comp, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):  # what variant="fp16" downloads: only *.fp16.safetensors
+        plain = tmp_path / comp / f"{name}.safetensors"
+        save_file({k: v.half() for k, v in load_file(str(plain)).items()}, str(plain.with_suffix(".fp16.safetensors")))
+        plain.unlink()
+    b = sd.load(str(tmp_path))
+    w = unet.conv_in.weight.half().float()
+    assert torch.equal(b.unet.input_blocks[0][0].weight, w)
+    with pytest.warns(UserWarning, match="loading the pipeline folder around it"):
+        b2 = sd.load(str(tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    assert torch.equal(b2.unet.input_blocks[0][0].weight, w)
