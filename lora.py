@@ -330,7 +330,7 @@ def kohya_kind_error(keys, what: str) -> str | None:
     leaves = {k.partition(".")[2] for k in keys} - set(KOHYA_LEAVES)
     kinds = sorted({kind for leaf in leaves for mark, kind in OTHER_KINDS.items() if leaf.startswith(mark)})
     if kinds:
-        return (f"{what}: a {', '.join(kinds)} network, which this code does not implement (plain LoRA/LoCon and "
+        return (f"{what}: holds {', '.join(kinds)} layers, which this code does not implement (plain LoRA/LoCon and "
                 ".diff only); merge it into the checkpoint with the tool that made it")
     return f"{what}: unknown LoRA keys {sorted(leaves)[:4]}" if leaves else None
 

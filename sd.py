@@ -284,8 +284,8 @@ def _from_tensors(sd, meta, path, prediction, objective):
         prediction = prediction or _guess_prediction(path, version)
     if depth := [k for k in sd if k.startswith("depth_model.")]:
         warnings.warn(f"{path}: an SD2 depth2img checkpoint: its {len(depth)} depth_model.* keys (the MiDaS depth "
-                      f"estimator) are not loaded; the UNet takes {configs[0].in_channels} input channels "
-                      "(4 latent + a depth map you provide)")
+                      f"estimator) are not loaded; its UNet takes {configs[0].in_channels} input channels, the "
+                      "latent's 4 and a depth map you provide")
     abar = sd.get("alphas_cumprod")
     return _bundle(configs, _split_models(sd, version, configs[2]), path, tokenizer=_tokenizer(version),
                    version=version, prediction=prediction, objective=objective or "diffusion", meta=meta,

@@ -227,10 +227,10 @@ def test_foreign_files_are_named(tmp_path):
 
 
 def test_depth2img_keys_are_named(tmp_path):
-    b = random_bundle()
+    b = random_bundle(unet=dataclasses.replace(U.PRESETS["tiny"], in_channels=5))  # latent + depth, as depth2img
     extra = {"depth_model.scratch.output_conv.0.weight": torch.zeros(2, 2), "depth_model.pretrained.x": torch.zeros(2)}
     save_file({**sd.state_dict(b), **extra}, str(tmp_path / "depth.safetensors"), metadata=sd.metadata(b))
-    with pytest.warns(UserWarning, match=r"SD2 depth2img checkpoint: its 2 depth_model\.\* keys .* not loaded"):
+    with pytest.warns(UserWarning, match=r"SD2 depth2img checkpoint: its 2 depth_model\.\* keys .* not loaded; its UNet takes 5 input"):
         sd.load(str(tmp_path / "depth.safetensors"))
 
 
