@@ -306,16 +306,16 @@ def to_kohya(lora_sd: dict, ucfg, base_sd: dict | None = None) -> dict:
         name = kohya_unet_name(path, ucfg)
         if leaf == "lora_up.weight":
             rank = lora_sd[f"{path}.lora_down.weight"].shape[0]
-            out[f"{name}.{leaf}"] = v.float() * (lora_sd[f"{path}.alpha"].float() / rank)
+            out[f"{name}.{leaf}"] = (v.float() * (lora_sd[f"{path}.alpha"].float() / rank)).to(v.dtype)
         elif leaf == "lora_down.weight":
-            out[f"{name}.{leaf}"] = v.float()
+            out[f"{name}.{leaf}"] = v
         elif leaf != "alpha":
             assert base_sd is not None, f"{key} is fully trained: to_kohya needs base_sd to write its diff"
             if base_sd[key].shape != v.shape:
                 raise ValueError(f"{key} has shape {tuple(v.shape)}, the base's {tuple(base_sd[key].shape)} (a widened "
                                  "input conv, e.g. a depth LoRA's 8 channels): kohya/diffusers/ComfyUI/A1111 LoRAs "
                                  "cannot change a layer's shape; use this LoRA with our depth.py/sample.py")
-            out[f"{name}.{'diff' if leaf == 'weight' else 'diff_b'}"] = (v - base_sd[key]).float()
+            out[f"{name}.{'diff' if leaf == 'weight' else 'diff_b'}"] = (v.float() - base_sd[key].float()).to(v.dtype)
     return out
 
 
@@ -406,6 +406,8 @@ def merge_kohya(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None =
                          f"{unknown[:2]}; is it a LoRA for another base model (SD1/SD2/SDXL)?")
     for name, leaves in groups.items():
         w, b = targets[name]
+        if ("lora_down.weight" in leaves) != ("lora_up.weight" in leaves):
+            raise ValueError(f"{what}: {name} has only one of lora_down/lora_up; the file is incomplete")
         delta = _kohya_delta(leaves, w, name) if "lora_down.weight" in leaves else 0
         if "diff" in leaves:
             if leaves["diff"].shape != w.shape:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import clip_text
 import diffusers_format as df
 import lora
 import sd
@@ -122,7 +123,6 @@ def test_kohya_te_lora_sd2_fused_qkv_and_ldm_names():
     from diffusers.utils import convert_state_dict_to_kohya
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from transformers import CLIPTextConfig, CLIPTextModel
-    import clip_text
     hf = randomize(CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128,
                                                 num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu")))
     tcfg = dataclasses.replace(clip_text.PRESETS["sd2"], width=32, layers=2, heads=2, output_layer=-1)
