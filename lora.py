@@ -2,7 +2,8 @@
 
 A wrapped layer IS the original nn.Linear / nn.Conv2d (a subclass holding the very same weight and bias
 Parameters), so `...attn1.to_q.weight` keeps its key and the LoRA factors sit beside it as
-`...attn1.to_q.lora_down.weight`, `...lora_up.weight` and `...alpha`: the names the kohya/A1111 format uses.
+`...attn1.to_q.lora_down.weight`, `...lora_up.weight` and `...alpha`: the leaf names of kohya's format, whose
+files (diffusers module names, `python lora.py export IN OUT`) to_kohya writes and merge_kohya reads.
 Apply LoRA to a materialised model: on the meta device the factors' init (up = 0) and alpha are lost.
 """
 import argparse
@@ -76,33 +77,6 @@ def parse_spec(spec: str) -> LoRAConfig:
     if not (0 < rank < 1 or rank == int(rank) >= 1):
         raise ValueError(f"--lora {spec}: a rank must be an integer >= 1, a fraction must lie in (0, 1)")
     return LoRAConfig(rank=int(rank) if rank >= 1 else rank)
-
-
-FULL_CHOICES = {"first,last": (True, True), "first": (True, False), "none": (False, False)}
-
-
-def config_from_args(spec: str, full: str, task: str) -> LoRAConfig:
-    """train.py's --lora and --lora-full -> LoRAConfig; a usage error (exit 2) with one line otherwise."""
-    try:
-        cfg = parse_spec(spec)
-    except ValueError as e:
-        usage_error(str(e))
-    if full not in FULL_CHOICES:
-        usage_error(f"--lora-full {full!r}: use one of {', '.join(FULL_CHOICES)}")
-    cfg.train_first_conv, cfg.train_last_block = FULL_CHOICES[full]
-    if task == "depth" and not cfg.train_first_conv:  # the widened conv's new channels must train
-        usage_error("--task depth widens the first conv: --lora-full must include 'first'")
-    return cfg
-
-
-def save_final(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra) -> str:
-    """train.py's final LoRA: save_lora at `path`, and beside it final_kohya.safetensors for diffusers, ComfyUI
-    and A1111 (export_kohya). A depth LoRA's widened input conv has no kohya form: the reason is returned."""
-    save_lora(model, path, cfg, base=base, **extra)
-    try:
-        return export_kohya(path, os.path.join(os.path.dirname(path), "final_kohya.safetensors"), overwrite=True)
-    except (ValueError, LoadError) as e:
-        return f"no final_kohya.safetensors: {e}"
 
 
 def lora_rank(rank: float, fan_in: int, fan_out: int) -> int:
@@ -272,8 +246,8 @@ def _fit_first_conv(model: nn.Module, w):
 # optionally alpha: W += (alpha / r) * up @ down (scale 1 without alpha); a fully trained layer holds
 # diff (= W_trained - W_base) and diff_b (the bias's).
 
-KOHYA_UNET, KOHYA_TE, KOHYA_LEAVES = "lora_unet_", "lora_te_", ("lora_down.weight", "lora_up.weight", "alpha", "diff",
-                                                                 "diff_b")
+KOHYA_UNET, KOHYA_TE = "lora_unet_", "lora_te_"
+KOHYA_LEAVES = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
 # LyCORIS and other network kinds by a leaf of theirs: named in the error, not implemented.
 OTHER_KINDS = {"hada_": "LoHa (LyCORIS hada_*)", "lokr_": "LoKr (LyCORIS lokr_*)", "oft_": "OFT (LyCORIS oft_*)",
                "lora_mid": "LoCon with a Tucker/CP core (LyCORIS lora_mid)", "dora_scale": "DoRA (dora_scale)",
@@ -359,7 +333,8 @@ def kohya_targets(unet: nn.Module, text_encoder: nn.Module | None = None) -> dic
     out = {}
     for n, m in unet.named_modules():
         if isinstance(getattr(m, "weight", None), torch.Tensor):
-            out[KOHYA_UNET + n.replace(".", "_")] = out[kohya_unet_name(n, unet.cfg)] = (m.weight, getattr(m, "bias", None))
+            wb = (m.weight, getattr(m, "bias", None))
+            out[KOHYA_UNET + n.replace(".", "_")] = out[kohya_unet_name(n, unet.cfg)] = wb
     return {**out, **(_kohya_te_targets(text_encoder) if text_encoder is not None else {})}
 
 
@@ -421,7 +396,7 @@ def merge_kohya(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None =
 
 
 def _base_path(lora_path: str, base: str) -> str:
-    """The base a LoRA's metadata names, resolved as sd.load does: relative to the LoRA file, as given, a cached repo."""
+    """The base a LoRA's metadata names, resolved as sd.load does: relative to the LoRA, as given, a cached repo."""
     local = os.path.join(os.path.dirname(os.path.abspath(lora_path)), base)
     if base and os.path.exists(local):
         return local
@@ -457,6 +432,35 @@ def export_kohya(src: str, dst: str, drop_diff: bool = False, overwrite: bool = 
     return (f"wrote {dst}: {sum(k.endswith('.lora_down.weight') for k in kohya)} LoRA layers in kohya's SD1/SD2 "
             f"naming (scale folded into lora_up)" + (f", {n_diff} .diff/.diff_b keys; {DIFFUSERS_NOTE}" if n_diff else
                                                      "; diffusers, ComfyUI and A1111 load it exactly"))
+
+
+# ----------------------------------------------------------------------------- train.py's options and files, the program
+
+FULL_CHOICES = {"first,last": (True, True), "first": (True, False), "none": (False, False)}
+
+
+def config_from_args(spec: str, full: str, task: str) -> LoRAConfig:
+    """train.py's --lora and --lora-full -> LoRAConfig; a usage error (exit 2) with one line otherwise."""
+    try:
+        cfg = parse_spec(spec)
+    except ValueError as e:
+        usage_error(str(e))
+    if full not in FULL_CHOICES:
+        usage_error(f"--lora-full {full!r}: use one of {', '.join(FULL_CHOICES)}")
+    cfg.train_first_conv, cfg.train_last_block = FULL_CHOICES[full]
+    if task == "depth" and not cfg.train_first_conv:  # the widened conv's new channels must train
+        usage_error("--task depth widens the first conv: --lora-full must include 'first'")
+    return cfg
+
+
+def save_final(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra) -> str:
+    """train.py's final LoRA: save_lora at `path`, and beside it final_kohya.safetensors for diffusers, ComfyUI
+    and A1111 (export_kohya). A depth LoRA's widened input conv has no kohya form: the reason is returned."""
+    save_lora(model, path, cfg, base=base, **extra)
+    try:
+        return export_kohya(path, os.path.join(os.path.dirname(path), "final_kohya.safetensors"), overwrite=True)
+    except (ValueError, LoadError) as e:
+        return f"no final_kohya.safetensors: {e}"
 
 
 def main(argv=None):

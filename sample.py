@@ -35,8 +35,8 @@ parser.add_argument("--ckpt", help="checkpoint, diffusers folder, cached repo id
 parser.add_argument("--prompt", action="append", default=[], help="text prompt; repeat for several")
 parser.add_argument("--prompts", metavar="FILE", help="file with one prompt per line (blank lines skipped)")
 parser.add_argument("--negative", default="", help="negative prompt: the unconditional side of CFG")
-parser.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors merged into --ckpt: ours (train.py) or a kohya/A1111/ComfyUI "
-                    "SD1/SD2 LoRA (lora_unet_*/lora_te_* keys)")
+parser.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors merged into --ckpt: ours (train.py) or a "
+                    "kohya/A1111/ComfyUI SD1/SD2 LoRA (lora_unet_*/lora_te_* keys)")
 parser.add_argument("--steps", type=int, help="solver steps (default: checkpoint metadata 'steps', else 25)")
 parser.add_argument("--cfg", type=float, help="guidance scale; 1 = no CFG (default: metadata 'cfg', else 7.5)")
 parser.add_argument("--sampler", choices=SAMPLERS, default="euler",

@@ -62,8 +62,8 @@ class TrainConfig:  # None: the preset's value
     prediction: str = arg(None, "eps or v: override the guess for an SD2 file whose name does not say",
                           choices=["eps", "v"])
     lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a width fraction (0.2); '' = full fine-tuning")
-    lora_full: str = arg("first,last", "with --lora, layers trained fully beside it: first,last (the paper's first conv "
-                         "+ output block), first, or none (a pure LoRA that every tool loads exactly)")
+    lora_full: str = arg("first,last", "with --lora, layers trained fully beside it: first,last (the paper's first "
+                         "conv + output block), first, or none (a pure LoRA that every tool loads exactly)")
     resolution: int = arg(None, "image side in pixels: shorter side resized, centre crop (else: the checkpoint's)")
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes")
     grad_accum: int = arg(1, "micro-steps per optimizer step")
@@ -112,7 +112,7 @@ PRESETS = {  # --preset NAME: the value of every option left out; the demo ones 
 }
 SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
                   "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed", "pairs", "n_pairs",
-                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile", "lora_full")  # the rest, e.g. --steps, may change
+                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile", "lora_full")  # others (--steps) may change
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -196,7 +196,7 @@ def save_checkpoint(run, step):
 
 def save_final(run):
     """final.safetensors (EMA weights): what sample.py loads with no flags (objective, prediction, resolution in
-    the metadata). LoRA: only the trained tensors; the metadata names the base (absolute path or repo id)."""
+    the metadata). LoRA: only the trained tensors, naming the base (path or repo id), and final_kohya.safetensors."""
     cfg, bundle, path = run.cfg, run.bundle, os.path.join(run.cfg.out, "final.safetensors")
     extra = dict(resolution=cfg.resolution, train_steps=cfg.steps, task=cfg.task, **run.data.meta)
     with run.ema.applied() if run.ema else nullcontext():

@@ -128,8 +128,8 @@ def test_kohya_te_lora_sd2_fused_qkv_and_ldm_names():
     tcfg = dataclasses.replace(clip_text.PRESETS["sd2"], width=32, layers=2, heads=2, output_layer=-1)
     te = clip_text.TextEncoder(tcfg).eval()
     te.load_state_dict(clip_text.from_hf_state_dict(hf.state_dict(), tcfg), strict=True)
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]), hf.eval())
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets), hf.eval())
     ids = torch.randint(0, 49408, (2, 77))
     kohya = convert_state_dict_to_kohya({"text_encoder." + k: v for k, v in get_peft_model_state_dict(hf).items()})
     assert all(k.startswith("lora_te1_") for k in kohya)  # diffusers' converter's name for an SD1/SD2 encoder
@@ -145,7 +145,8 @@ def test_kohya_te_lora_sd2_fused_qkv_and_ldm_names():
     assert torch.allclose(ours.out[2].weight, w_out + d) and torch.allclose(ours.out[2].bias, b_out + 1)
     up, down = kohya["lora_unet_input_blocks_1_1_proj_in.lora_up.weight"], kohya[
         "lora_unet_input_blocks_1_1_proj_in.lora_down.weight"]
-    assert torch.allclose(ours.input_blocks[1][1].proj_in.weight, w_proj + (up.flatten(1) @ down.flatten(1))[..., None, None])
+    delta = (up.flatten(1) @ down.flatten(1))[..., None, None]  # a 1x1 conv's LoRA (SD1's proj_in)
+    assert torch.allclose(ours.input_blocks[1][1].proj_in.weight, w_proj + delta)
 
 
 @pytest.mark.parametrize("leaf,kind", [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("oft_blocks", "OFT"),
@@ -213,7 +214,7 @@ def test_foreign_files_are_named(tmp_path):
     rules = df.unet_key_rules(b.unet.cfg)
     diffusers_unet = {df.diffusers_unet_key(k, *rules): v for k, v in b.unet.state_dict().items()}
     save_file(diffusers_unet, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    load_error(tmp_path / "diffusion_pytorch_model.safetensors", "a diffusers-format UNet alone .*pass the diffusers folder")
+    load_error(tmp_path / "diffusion_pytorch_model.safetensors", "diffusers-format UNet alone .*pass the diffusers folder")
     save_file({**diffusers_unet, "add_embedding.linear_1.weight": torch.zeros(1)}, str(tmp_path / "xl.safetensors"))
     load_error(tmp_path / "xl.safetensors", "SDXL is not supported")
     for name, config in (("unet", {"_class_name": "UNet2DConditionModel"}),
@@ -230,7 +231,7 @@ def test_depth2img_keys_are_named(tmp_path):
     b = random_bundle(unet=dataclasses.replace(U.PRESETS["tiny"], in_channels=5))  # latent + depth, as depth2img
     extra = {"depth_model.scratch.output_conv.0.weight": torch.zeros(2, 2), "depth_model.pretrained.x": torch.zeros(2)}
     save_file({**sd.state_dict(b), **extra}, str(tmp_path / "depth.safetensors"), metadata=sd.metadata(b))
-    with pytest.warns(UserWarning, match=r"SD2 depth2img checkpoint: its 2 depth_model\.\* keys .* not loaded; its UNet takes 5 input"):
+    with pytest.warns(UserWarning, match=r"depth2img checkpoint: its 2 depth_model\.\* keys .* not loaded; its UNet takes 5"):
         sd.load(str(tmp_path / "depth.safetensors"))
 
 
