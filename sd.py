@@ -3,6 +3,7 @@
     sd = load("v1-5-pruned-emaonly.safetensors")      # original single file (.safetensors or .ckpt)
     sd = load("path/to/stable-diffusion-2-1")          # a diffusers folder (model_index.json, unet/, ...)
     sd = load("stabilityai/stable-diffusion-2-1")      # a repo already in the local Hugging Face cache
+    sd = load("v1-5-pruned-emaonly.safetensors", lora_file="style.safetensors")  # + a LoRA (ours or kohya's)
     ctx = sd.encode_prompt(["a photo of a cat"])       # (B, 77, 768 | 1024)
 
 Our modules mirror the original LDM module tree, so an original checkpoint loads with
