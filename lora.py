@@ -285,6 +285,8 @@ def to_kohya(lora_sd: dict, ucfg, base_sd: dict | None = None) -> dict:
             out[f"{name}.{leaf}"] = v
         elif leaf != "alpha":
             assert base_sd is not None, f"{key} is fully trained: to_kohya needs base_sd to write its diff"
+            # A1111 maps conv_in/conv_out but not conv_norm_out to its layers; the LDM name, ComfyUI reads both
+            name = KOHYA_UNET + "out_0" if name == KOHYA_UNET + "conv_norm_out" else name
             if base_sd[key].shape != v.shape:
                 raise ValueError(f"{key} has shape {tuple(v.shape)}, the base's {tuple(base_sd[key].shape)} (a widened "
                                  "input conv, e.g. a depth LoRA's 8 channels): kohya/diffusers/ComfyUI/A1111 LoRAs "

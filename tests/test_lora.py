@@ -197,7 +197,7 @@ def test_kohya_roundtrip():
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # tiny: attention from ds=2
     assert lora.kohya_unet_name("input_blocks.3.1.transformer_blocks.0.attn1.to_q", model.cfg) == name
     assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight"} <= set(kohya) and not any("alpha" in k for k in kohya)
-    assert kohya["lora_unet_conv_out.diff"].shape == (4, 32, 3, 3) and "lora_unet_conv_norm_out.diff_b" in kohya
+    assert kohya["lora_unet_conv_out.diff"].shape == (4, 32, 3, 3) and "lora_unet_out_0.diff_b" in kohya
     x, t, c = inputs()
     with torch.no_grad():
         want = model(x, t, c)
