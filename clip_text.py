@@ -35,9 +35,15 @@ import torch.nn.functional as F
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 DEFAULT_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
-# CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, symbol runs.
-PAT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                    regex.IGNORECASE)
+# CLIP's pre-tokenizer: special tokens, English contractions, letter runs, single digits, symbol runs. The
+# special tokens' text differs: SD1's tokenizer (transformers' CLIPTokenizer) spells them <|startoftext|> and
+# <|endoftext|>, SD2's (open_clip's SimpleTokenizer) <start_of_text> and <end_of_text>; typed in a prompt, the
+# other spelling is plain characters.
+SPECIALS = {"clip": (SOT, EOT), "open_clip": ("<start_of_text>", "<end_of_text>")}
+REST = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+PATS = {style: regex.compile("|".join(map(regex.escape, sp)) + "|" + REST, regex.IGNORECASE)
+        for style, sp in SPECIALS.items()}
+PAT = PATS["clip"]
 
 
 @functools.lru_cache()
@@ -54,9 +60,27 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean(text: str) -> str:
-    """CLIP's text normalisation: fix mojibake, unescape HTML (twice, as CLIP does), collapse whitespace, lowercase."""
+    """open_clip's (SD2's) normalisation: ftfy, unescape HTML twice, collapse whitespace, lowercase."""
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return " ".join(text.split()).lower()
+
+
+def clean_sd1(text: str) -> str:
+    """transformers' slow CLIPTokenizer's (SD1's) normalisation: ftfy, whitespace runs -> one space, lowercase.
+    No HTML unescaping of its own (ftfy unescapes entities only in text without '<')."""
+    return regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
+
+
+def pieces(text: str, style: str) -> list[str]:
+    """Text -> pre-tokenized pieces, as each SD tokenizer does it. SD1 (transformers' slow CLIPTokenizer) first
+    splits off the literal special tokens, case-sensitively, then cleans each chunk; SD2 (open_clip) cleans the
+    whole text, then finds its special tokens by the pattern."""
+    if style == "open_clip":
+        return PATS[style].findall(clean(text))
+    out = []
+    for chunk in regex.split(f"({regex.escape(SOT)}|{regex.escape(EOT)})", text):
+        out += [chunk] if chunk in (SOT, EOT) else PATS[style].findall(clean_sd1(chunk))
+    return out
 
 
 def read_bpe(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -76,17 +100,20 @@ class Tokenizer:
     which pads with zeros (id 0 happens to be "!").
     """
 
-    def __init__(self, bpe_path=None, pad_id=49407, context_length=77, *, vocab=None, merges=None):
+    def __init__(self, bpe_path=None, pad_id=49407, context_length=77, *, vocab=None, merges=None, style=None):
         if vocab is None:
             vocab, merges = read_bpe(bpe_path or DEFAULT_BPE)
+        # SD2 (open_clip) pads with 0, SD1 (transformers) with EOT: the padding says whose text rules apply
+        self.style = style or ("open_clip" if pad_id == 0 else "clip")
         self.encoder, self.ranks = vocab, {m: i for i, m in enumerate(merges)}
         self.byte_encoder = bytes_to_unicode()
         self.sot, self.eot = vocab[SOT], vocab[EOT]
+        self.special = dict(zip(SPECIALS[self.style], (self.sot, self.eot)))  # its spelling -> id
         self.pad_id, self.context_length = pad_id, context_length
         self.bpe = functools.lru_cache(maxsize=65536)(self._bpe)  # per instance: prompts repeat words a lot
 
     @classmethod
-    def from_files(cls, vocab_json, merges_txt, pad_id=49407, context_length=77):
+    def from_files(cls, vocab_json, merges_txt, pad_id=49407, context_length=77, style=None):
         """Read an HF/diffusers vocab.json + merges.txt pair (merges.txt starts with a `#version` header)."""
         with open(vocab_json, encoding="utf-8") as f:
             vocab = json.load(f)
@@ -94,7 +121,7 @@ class Tokenizer:
             lines = f.read().split("\n")
         start = 1 if lines[0].startswith("#version") else 0
         merges = [tuple(line.split()) for line in lines[start:] if line]
-        return cls(pad_id=pad_id, context_length=context_length, vocab=vocab, merges=merges)
+        return cls(pad_id=pad_id, context_length=context_length, vocab=vocab, merges=merges, style=style)
 
     @classmethod
     def from_folder(cls, path):
@@ -105,13 +132,14 @@ class Tokenizer:
                 with open(os.path.join(path, name), encoding="utf-8") as f:
                     pad = json.load(f).get("pad_token")
         pad = pad["content"] if isinstance(pad, dict) else (pad or EOT)
+        style = "clip" if pad == EOT else "open_clip"  # SD2's folders pad with "!"
         if os.path.exists(os.path.join(path, "vocab.json")):
-            tok = cls.from_files(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
+            tok = cls.from_files(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"), style=style)
         elif os.path.exists(os.path.join(path, "tokenizer.json")):  # what transformers >= 5 writes
             with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
                 model = json.load(f)["model"]
             merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            tok = cls(vocab=model["vocab"], merges=merges)
+            tok = cls(vocab=model["vocab"], merges=merges, style=style)
         else:
             raise FileNotFoundError(f"{path}: no vocab.json + merges.txt or tokenizer.json; is the tokenizer folder complete?")
         tok.pad_id = tok.encoder[pad]
@@ -119,8 +147,6 @@ class Tokenizer:
 
     def _bpe(self, token: str) -> tuple[str, ...]:
         """Greedily apply the lowest-rank merge until none applies; the last symbol carries </w>."""
-        if token in (SOT, EOT):
-            return (token,)
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
             pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, float("inf")))
@@ -140,7 +166,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> BPE ids, without SOT/EOT."""
         ids = []
-        for piece in PAT.findall(clean(text)):
+        for piece in pieces(text, self.style):
+            if piece.lower() in self.special:  # the pattern matched it case-insensitively
+                ids.append(self.special[piece.lower()])
+                continue
             piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
             ids.extend(self.encoder[t] for t in self.bpe(piece))
         return ids

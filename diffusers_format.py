@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from safetensors import safe_open
+
 import clip_text
 import unet as unet_mod
 import vae as vae_mod
@@ -59,6 +61,40 @@ def _unet_key(k, L, up_has_attn):
                lambda m: f"output_blocks.{int(m[1]) * (L + 1) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.", k)
     return re.sub(r"^up_blocks\.(\d+)\.upsamplers\.0\.",
                   lambda m: f"output_blocks.{int(m[1]) * (L + 1) + L}.{2 if up_has_attn[int(m[1])] else 1}.", k)
+
+
+_LDM_PREFIXES = {b: a for a, b in _UNET_PREFIXES.items()}
+_RESNET_NAMES = {b: a for a, b in _RESNET_PARTS.items()}
+
+
+def diffusers_unet_key(k, L, up_has_attn):
+    """LDM key (our UNet's) -> diffusers UNet2DConditionModel key: the inverse of `_unet_key`."""
+    for a, b in _LDM_PREFIXES.items():
+        if k.startswith(a):
+            return b + k[len(a):]
+
+    def down(m):  # input block n >= 1: level n-1 // (L+1); the last of each level is the downsampler
+        level, i = divmod(int(m[1]) - 1, L + 1)
+        return (f"down_blocks.{level}.downsamplers.0.conv." if i == L else
+                f"down_blocks.{level}.{'resnets' if m[2] == '0' else 'attentions'}.{i}.")
+
+    def up(m):  # output block n: level n // (L+1), L+1 blocks each; the last one also holds the upsampler
+        level, i = divmod(int(m[1]), L + 1)
+        part = "resnets" if m[2] == "0" else "attentions" if m[2] == "1" and up_has_attn[level] else None
+        return f"up_blocks.{level}.{part}.{i}." if part else f"up_blocks.{level}.upsamplers.0."
+    k = re.sub(r"^input_blocks\.(\d+)\.(\d)\.(op\.)?", down, k)
+    k = re.sub(r"^middle_block\.(\d)\.", lambda m: ("mid_block.resnets.0.", "mid_block.attentions.0.",
+                                                     "mid_block.resnets.1.")[int(m[1])], k)
+    k = re.sub(r"^output_blocks\.(\d+)\.(\d)\.", up, k)
+    return re.sub(r"(resnets\.\d+\.)(in_layers\.[02]|emb_layers\.1|out_layers\.[03]|skip_connection)",
+                  lambda m: m[1] + _RESNET_NAMES[m[2]], k)
+
+
+def unet_key_rules(ucfg):
+    """(layers per block, whether each up level has attention) of a UNetConfig: what the key rules need."""
+    levels = len(ucfg.channel_mult)
+    # up level i runs at 2**(levels-1-i)
+    return ucfg.num_res_blocks, [2 ** (levels - 1 - i) in ucfg.attention_resolutions for i in range(levels)]
 
 
 _VAE_NAMES = {"mid_block.attentions.0.group_norm": "mid.attn_1.norm", "mid_block.attentions.0.to_q": "mid.attn_1.q",
@@ -128,21 +164,29 @@ def _diffusers_configs(folder):
 
 # ----------------------------------------------------------------------------- weights
 
-def _read_component(folder, name, read):
-    """The weights of one diffusers component (unet/, vae/, text_encoder/), preferring safetensors."""
+WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(?:\.(\w+))?\.(safetensors|bin)$")
+
+
+def component_file(folder, name):
+    """The weights file of one diffusers component (unet/, vae/, text_encoder/): safetensors before .bin, the
+    plain file before a variant (`diffusion_pytorch_model.fp16.safetensors`, what `variant="fp16"` downloads),
+    fp16 before other variants; a folder holding only variants loads (each tensor is cast as it is read)."""
     d = os.path.join(folder, name)
-    for fname in ("diffusion_pytorch_model.safetensors", "model.safetensors",
-                  "diffusion_pytorch_model.bin", "pytorch_model.bin"):
-        if os.path.exists(os.path.join(d, fname)):
-            return read(os.path.join(d, fname))
-    raise LoadError(f"{d}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors); "
-                    "is the diffusers folder complete?")
+    found = [(m[3] != "safetensors", m[2] is not None, m[2] != "fp16", f)
+             for f in (os.listdir(d) if os.path.isdir(d) else ()) if (m := WEIGHTS.match(f))]
+    if not found:
+        raise LoadError(f"{d}: no weights found (expected diffusion_pytorch_model[.fp16].safetensors or "
+                        "model[.fp16].safetensors); is the diffusers folder complete?")
+    return os.path.join(d, min(found)[3])
+
+
+def _read_component(folder, name, read):
+    return read(component_file(folder, name))
 
 
 def _unet_weights(folder, ucfg, read):
-    levels = len(ucfg.channel_mult)
-    up_attn = [2 ** (levels - 1 - i) in ucfg.attention_resolutions for i in range(levels)]  # up level i runs at 2**(levels-1-i)
-    return {_unet_key(k, ucfg.num_res_blocks, up_attn): v for k, v in _read_component(folder, "unet", read).items()}
+    L, up_attn = unet_key_rules(ucfg)
+    return {_unet_key(k, L, up_attn): v for k, v in _read_component(folder, "unet", read).items()}
 
 
 def _vae_weights(folder, vcfg, read):
@@ -194,3 +238,33 @@ def find_in_hf_cache(repo_id):
         with open(ref) as f:
             return os.path.join(snaps, f.read().strip())
     return max((os.path.join(snaps, s) for s in os.listdir(snaps)), key=os.path.getmtime)
+
+
+# ----------------------------------------------------------------------------- a base UNet, partially read
+
+def _subset(path, names):
+    """{name: tensor} for `names` of a .safetensors file, read one by one (the rest of the file is not read)."""
+    with safe_open(path, "pt") as f:
+        missing = [n for n in names if n not in f.keys()]
+        if missing:
+            raise LoadError(f"{path}: no {missing[0]} in this base checkpoint; is it the LoRA's base?")
+        return {n: f.get_tensor(n) for n in names}, f.metadata() or {}
+
+
+def base_unet(path, keys):
+    """(UNetConfig, {LDM key: tensor} for `keys`) of a base checkpoint (.safetensors single file, ours or the
+    original, or a diffusers folder), reading only those tensors: what a LoRA export needs of its base."""
+    if os.path.isdir(path):
+        ucfg = _unet_config(_load_json(os.path.join(path, "unet", "config.json")))
+        f = component_file(path, "unet")
+        if not f.endswith(".safetensors"):
+            raise LoadError(f"{f}: a .bin base; convert it to .safetensors first")
+        names = {diffusers_unet_key(k, *unet_key_rules(ucfg)): k for k in keys}
+        tensors, _ = _subset(f, list(names))
+        return ucfg, {names[n]: v for n, v in tensors.items()}
+    if not path.endswith(".safetensors"):
+        raise LoadError(f"{path}: the base must be a .safetensors file or a diffusers folder to export from")
+    tensors, meta = _subset(path, ["model.diffusion_model." + k for k in keys])
+    # an original SD1/SD2 file: both UNets share sd15's block layout, all the key rules need
+    ucfg = unet_mod.UNetConfig(**json.loads(meta["unet_config"])) if "unet_config" in meta else unet_mod.PRESETS["sd15"]
+    return ucfg, {k.removeprefix("model.diffusion_model."): v for k, v in tensors.items()}

@@ -2,10 +2,13 @@
 
 A wrapped layer IS the original nn.Linear / nn.Conv2d (a subclass holding the very same weight and bias
 Parameters), so `...attn1.to_q.weight` keeps its key and the LoRA factors sit beside it as
-`...attn1.to_q.lora_down.weight`, `...lora_up.weight` and `...alpha`: the names the kohya/A1111 format uses.
+`...attn1.to_q.lora_down.weight`, `...lora_up.weight` and `...alpha`: the leaf names of kohya's format, whose
+files (diffusers module names, `python lora.py export IN OUT`) to_kohya writes and merge_kohya reads.
 Apply LoRA to a materialised model: on the meta device the factors' init (up = 0) and alpha are lost.
 """
+import argparse
 import json
+import os
 import math
 import re
 from dataclasses import asdict, dataclass, replace
@@ -15,7 +18,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common import atomic_path
+from common import atomic_path, fail, usage_error
+from diffusers_format import LoadError, base_unet, diffusers_unet_key, find_in_hf_cache, unet_key_rules
+from unet import UNetConfig
 
 # Target groups as patterns on the LDM module paths (UNet submodule names, prefix stripped).
 PATTERNS = {
@@ -199,6 +204,8 @@ def save_lora(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", *
     rename, fsynced. (model, path, cfg are positional-only, so `extra` may hold a key "cfg", the guidance scale.)"""
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     meta = {"lora_config": json.dumps(asdict(cfg)), "base_model": base, **{k: str(v) for k, v in extra.items()}}
+    if hasattr(model, "cfg"):  # the UNet's layout: what export_kohya needs to name the layers
+        meta["unet_config"] = json.dumps(asdict(model.cfg))
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 
@@ -231,39 +238,251 @@ def _fit_first_conv(model: nn.Module, w):
         model.cfg = type(model.cfg)(**{**vars(model.cfg), "in_channels": w.shape[1]})
 
 
+# ----------------------------------------------------------------------------- kohya / A1111 / ComfyUI files
+# kohya's SD1/SD2 trainer names a layer "lora_unet_" + its diffusers module path with '.' -> '_'
+# (lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q) and a text-encoder layer "lora_te_" + its
+# transformers CLIPTextModel path; diffusers' load_lora_weights, ComfyUI and A1111 read that form (and, on input,
+# the LDM paths too). Each layer holds lora_down.weight (r, in[, kh, kw]), lora_up.weight (out, r[, 1, 1]) and
+# optionally alpha: W += (alpha / r) * up @ down (scale 1 without alpha); a fully trained layer holds
+# diff (= W_trained - W_base) and diff_b (the bias's).
+
+KOHYA_UNET, KOHYA_TE = "lora_unet_", "lora_te_"
+KOHYA_LEAVES = ("lora_down.weight", "lora_up.weight", "alpha", "diff", "diff_b")
+# LyCORIS and other network kinds by a leaf of theirs: named in the error, not implemented.
+OTHER_KINDS = {"hada_": "LoHa (LyCORIS hada_*)", "lokr_": "LoKr (LyCORIS lokr_*)", "oft_": "OFT (LyCORIS oft_*)",
+               "lora_mid": "LoCon with a Tucker/CP core (LyCORIS lora_mid)", "dora_scale": "DoRA (dora_scale)",
+               "w_norm": "LyCORIS norm (w_norm/b_norm)", "b_norm": "LyCORIS norm (w_norm/b_norm)",
+               "a1.": "GLoRA (LyCORIS a1/a2/b1/b2)", "on_input": "(IA)^3 (LyCORIS on_input)",
+               "weight": "(IA)^3 (LyCORIS .weight)"}
+DIFFUSERS_NOTE = ("diffusers' load_lora_weights refuses .diff keys: for diffusers train with --lora-full none, "
+                  "or export with --drop-diff (the LoRA alone); ComfyUI and A1111 apply them")
+
+
 def _split(key: str) -> tuple[str, str]:
     """'a.b.lora_up.weight' -> ('a.b', 'lora_up.weight'); 'a.b.bias' -> ('a.b', 'bias')."""
     leaf = next(s for s in (*LORA_LEAVES, "weight", "bias") if key.endswith("." + s))
     return key[: -len(leaf) - 1], leaf
 
 
-def to_kohya(lora_sd: dict, base_sd: dict | None = None) -> dict:
-    """kohya/A1111/ComfyUI keys: lora_unet_<LDM path with . -> _>.{lora_down.weight,lora_up.weight,alpha}.
-    Fully trained layers have no low-rank form; they go out as the `.diff`/`.diff_b` (trained - base)
-    keys that A1111 and ComfyUI also read, which needs the base state dict."""
+def kohya_unet_name(path: str, ucfg) -> str:
+    """LDM module path of our UNet -> kohya's SD1/SD2 name (diffusers module path, '.' -> '_')."""
+    return KOHYA_UNET + diffusers_unet_key(path + ".weight", *unet_key_rules(ucfg))[: -len(".weight")].replace(".", "_")
+
+
+def to_kohya(lora_sd: dict, ucfg, base_sd: dict | None = None) -> dict:
+    """Our LoRA state dict -> a kohya SD1/SD2 file's tensors. The scale alpha / rank is folded into lora_up and
+    no alpha is written: diffusers misreads per-module alphas when ranks differ across layers (the `base`
+    preset), while every tool applies a file without alphas exactly as up @ down. Fully trained layers go out
+    as .diff/.diff_b = trained - base, which needs the base UNet's state dict (`base_sd`)."""
     out = {}
     for key, v in lora_sd.items():
         path, leaf = _split(key)
-        name = "lora_unet_" + path.replace(".", "_")
-        if leaf in LORA_LEAVES:
+        name = kohya_unet_name(path, ucfg)
+        if leaf == "lora_up.weight":
+            rank = lora_sd[f"{path}.lora_down.weight"].shape[0]
+            out[f"{name}.{leaf}"] = (v.float() * (lora_sd[f"{path}.alpha"].float() / rank)).to(v.dtype)
+        elif leaf == "lora_down.weight":
             out[f"{name}.{leaf}"] = v
-        else:
+        elif leaf != "alpha":
             assert base_sd is not None, f"{key} is fully trained: to_kohya needs base_sd to write its diff"
-            out[f"{name}.{'diff' if leaf == 'weight' else 'diff_b'}"] = v - base_sd[key]
+            # A1111 maps conv_in/conv_out but not conv_norm_out to its layers; the LDM name, ComfyUI reads both
+            name = KOHYA_UNET + "out_0" if name == KOHYA_UNET + "conv_norm_out" else name
+            if base_sd[key].shape != v.shape:
+                raise ValueError(f"{key} has shape {tuple(v.shape)}, the base's {tuple(base_sd[key].shape)} (a widened "
+                                 "input conv, e.g. a depth LoRA's 8 channels): kohya/diffusers/ComfyUI/A1111 LoRAs "
+                                 "cannot change a layer's shape; use this LoRA with our depth.py/sample.py")
+            out[f"{name}.{'diff' if leaf == 'weight' else 'diff_b'}"] = (v.float() - base_sd[key].float()).to(v.dtype)
     return out
 
 
-def from_kohya(kohya_sd: dict, base_sd: dict) -> dict:
-    """Inverse of to_kohya. Module names contain underscores, so '_' -> '.' is resolved against the real
-    module paths found in base_sd (the base UNet's state dict), not by string replacement."""
-    paths = {k.rpartition(".")[0].replace(".", "_"): k.rpartition(".")[0] for k in base_sd}
+def is_kohya(keys) -> bool:
+    return any(k.startswith((KOHYA_UNET, KOHYA_TE, "lora_te1_", "lora_te2_")) for k in keys)
+
+
+def kohya_kind_error(keys, what: str) -> str | None:
+    """A one-line refusal for a kohya-style file holding something other than plain LoRA/diff layers."""
+    if any(k.startswith("lora_te2_") for k in keys):
+        return f"{what}: an SDXL LoRA (lora_te2_ keys: a second text encoder); SDXL is not supported (SD 1.x/2.x only)"
+    leaves = {k.partition(".")[2] for k in keys} - set(KOHYA_LEAVES)
+    kinds = sorted({kind for leaf in leaves for mark, kind in OTHER_KINDS.items() if leaf.startswith(mark)})
+    if kinds:
+        return (f"{what}: holds {', '.join(kinds)} layers, which this code does not implement (plain LoRA/LoCon and "
+                ".diff only); merge it into the checkpoint with the tool that made it")
+    return f"{what}: unknown LoRA keys {sorted(leaves)[:4]}" if leaves else None
+
+
+def _kohya_te_targets(te: nn.Module) -> dict:
+    """kohya text-encoder names -> (weight, bias) views. SD1's modules are transformers' CLIPTextModel names
+    already; SD2's (OpenCLIP layout) also answer to those, q/k/v being row blocks of the fused in_proj."""
+    out = {KOHYA_TE + n.replace(".", "_"): (m.weight, getattr(m, "bias", None)) for n, m in te.named_modules()
+           if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    if te.cfg.layout == "openclip":
+        W = te.cfg.width
+        for i, b in enumerate(te.transformer.resblocks):
+            hf = f"{KOHYA_TE}text_model_encoder_layers_{i}_"
+            for j, x in enumerate("qkv"):
+                rows = slice(j * W, (j + 1) * W)
+                out[f"{hf}self_attn_{x}_proj"] = (b.attn.in_proj_weight[rows], b.attn.in_proj_bias[rows])
+            for name, m in (("self_attn_out_proj", b.attn.out_proj), ("mlp_fc1", b.mlp.c_fc), ("mlp_fc2", b.mlp.c_proj),
+                            ("layer_norm1", b.ln_1), ("layer_norm2", b.ln_2)):
+                out[hf + name] = (m.weight, m.bias)
+    return out
+
+
+def kohya_targets(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict:
+    """Every kohya name a layer of ours answers to -> its (weight, bias): UNet layers under both naming forms,
+    diffusers module paths (kohya's trainer) and LDM paths (older tools)."""
     out = {}
-    for key, v in kohya_sd.items():
-        name, _, leaf = key.partition(".")
-        path = paths[name.removeprefix("lora_unet_")]
-        if leaf in ("diff", "diff_b"):
-            k = path + (".weight" if leaf == "diff" else ".bias")
-            out[k] = base_sd[k] + v
-        else:
-            out[f"{path}.{leaf}"] = v
-    return out
+    for n, m in unet.named_modules():
+        if isinstance(getattr(m, "weight", None), torch.Tensor):
+            wb = (m.weight, getattr(m, "bias", None))
+            out[KOHYA_UNET + n.replace(".", "_")] = out[kohya_unet_name(n, unet.cfg)] = wb
+    return {**out, **(_kohya_te_targets(text_encoder) if text_encoder is not None else {})}
+
+
+def _kohya_te_name(key: str) -> str:
+    """Text-encoder names as _kohya_te_targets knows them: diffusers' convert_state_dict_to_kohya writes an SD1/SD2
+    encoder as lora_te1_ (SDXL's first one's name), and transformers >= 5.6 dropped CLIPTextModel's text_model."""
+    key = KOHYA_TE + key.removeprefix("lora_te1_") if key.startswith("lora_te1_") else key
+    if key.startswith(tuple(KOHYA_TE + p for p in ("encoder_layers_", "embeddings_", "final_layer_norm"))):
+        key = KOHYA_TE + "text_model_" + key.removeprefix(KOHYA_TE)
+    return key
+
+
+def _kohya_delta(leaves: dict, w: torch.Tensor, name: str) -> torch.Tensor:
+    """(alpha / r) * up @ down in w's shape (scale 1 without alpha), as diffusers/peft, ComfyUI and A1111 merge it."""
+    down, up = leaves["lora_down.weight"].float(), leaves["lora_up.weight"].float()
+    rank = down.shape[0]
+    scale = leaves["alpha"].float().item() / rank if "alpha" in leaves else 1.0
+    if up.shape[0] != w.shape[0] or up[0].numel() != rank or down[0].numel() != w[0].numel():
+        raise ValueError(f"{name}: LoRA factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit the layer's "
+                         f"{tuple(w.shape)}; a LoRA for another base model (SD1 vs SD2?)")
+    return ((up.flatten(1) @ down.flatten(1)) * scale).reshape(w.shape)
+
+
+@torch.no_grad()
+def merge_kohya(tensors: dict, unet: nn.Module, text_encoder: nn.Module | None = None, what: str = "LoRA") -> int:
+    """Merge a kohya/A1111/ComfyUI LoRA file's tensors into the UNet (and text encoder) in place: W += delta,
+    b += diff_b. ValueError with one line for anything that does not fit. Returns the layers changed.
+    Text-encoder layers past the ones we build (SD2's last block) cannot change SD's context: skipped."""
+    if msg := kohya_kind_error(tensors, what):
+        raise ValueError(msg)
+    # diffusers' convert_state_dict_to_kohya names an SD1/SD2 text encoder lora_te1_ (SDXL's first one's name)
+    tensors = {_kohya_te_name(k): v for k, v in tensors.items()}
+    groups: dict[str, dict] = {}
+    for k, v in tensors.items():
+        name, _, leaf = k.partition(".")
+        groups.setdefault(name, {})[leaf] = v
+    targets = kohya_targets(unet, text_encoder)
+    beyond = re.compile(rf"^{KOHYA_TE}text_model_encoder_layers_(\d+)_")
+    blocks = text_encoder.cfg.blocks if text_encoder is not None else 0
+    groups = {n: g for n, g in groups.items() if not ((m := beyond.match(n)) and int(m[1]) >= blocks)}
+    unknown = sorted(set(groups) - targets.keys())
+    if unknown:
+        raise ValueError(f"{what}: {len(unknown)} of {len(groups)} LoRA layers match no layer of this model, e.g. "
+                         f"{unknown[:2]}; is it a LoRA for another base model (SD1/SD2/SDXL)?")
+    for name, leaves in groups.items():
+        w, b = targets[name]
+        if ("lora_down.weight" in leaves) != ("lora_up.weight" in leaves):
+            raise ValueError(f"{what}: {name} has only one of lora_down/lora_up; the file is incomplete")
+        delta = _kohya_delta(leaves, w, name) if "lora_down.weight" in leaves else 0
+        if "diff" in leaves:
+            if leaves["diff"].shape != w.shape:
+                raise ValueError(f"{name}.diff has shape {tuple(leaves['diff'].shape)}, the layer {tuple(w.shape)}; "
+                                 "a LoRA for another base model (SD1 vs SD2?)")
+            delta = delta + leaves["diff"].float()
+        w += delta.to(w) if torch.is_tensor(delta) else delta
+        if "diff_b" in leaves:
+            b += leaves["diff_b"].to(b).reshape(b.shape)
+    return len(groups)
+
+
+def _base_path(lora_path: str, base: str) -> str:
+    """The base a LoRA's metadata names, resolved as sd.load does: relative to the LoRA, as given, a cached repo."""
+    local = os.path.join(os.path.dirname(os.path.abspath(lora_path)), base)
+    if base and os.path.exists(local):
+        return local
+    if base and os.path.exists(base):
+        return base
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", base):
+        return find_in_hf_cache(base)
+    raise ValueError(f"{lora_path}: its base model {base!r} (metadata base_model) is not found; the fully trained "
+                     "layers are written as differences to it (or pass --drop-diff)")
+
+
+def export_kohya(src: str, dst: str, drop_diff: bool = False, overwrite: bool = False) -> str:
+    """A LoRA file of ours (save_lora) -> a kohya SD1/SD2 file (to_kohya) at dst, atomically. Returns a one-line
+    summary. ValueError/LoadError with one line: not our LoRA, base not found, a widened input conv."""
+    with safe_open(src, "pt") as f:
+        meta = f.metadata() or {}
+    if "lora_config" not in meta:
+        raise ValueError(f"{src}: not a LoRA written by train.py/lora.save_lora (no lora_config metadata)")
+    if os.path.exists(dst) and not overwrite:
+        raise ValueError(f"{dst} exists; remove it or pick another output name")
+    tensors = load_file(src)
+    full = [k for k in tensors if not is_lora_key(k)]
+    tensors = {k: v for k, v in tensors.items() if not (drop_diff and k in full)}
+    ucfg, base_sd = (UNetConfig(**json.loads(meta["unet_config"])), {}) if "unet_config" in meta else (None, {})
+    if (full and not drop_diff) or ucfg is None:
+        ucfg, base_sd = base_unet(_base_path(src, meta.get("base_model", "")), full if not drop_diff else [])
+    kohya = to_kohya(tensors, ucfg, base_sd)
+    info = {"ss_network_module": "networks.lora", "base_model": meta.get("base_model", ""),
+            "exported_from": os.path.basename(src)}
+    with atomic_path(dst) as tmp:
+        save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata=info)
+    n_diff = sum(k.endswith((".diff", ".diff_b")) for k in kohya)
+    return (f"wrote {dst}: {sum(k.endswith('.lora_down.weight') for k in kohya)} LoRA layers in kohya's SD1/SD2 "
+            f"naming (scale folded into lora_up)" + (f", {n_diff} .diff/.diff_b keys; {DIFFUSERS_NOTE}" if n_diff else
+                                                     "; diffusers, ComfyUI and A1111 load it exactly"))
+
+
+# ----------------------------------------------------------------------------- train.py's options and files, the program
+
+FULL_CHOICES = {"first,last": (True, True), "first": (True, False), "none": (False, False)}
+
+
+def config_from_args(spec: str, full: str, task: str) -> LoRAConfig:
+    """train.py's --lora and --lora-full -> LoRAConfig; a usage error (exit 2) with one line otherwise."""
+    try:
+        cfg = parse_spec(spec)
+    except ValueError as e:
+        usage_error(str(e))
+    if full not in FULL_CHOICES:
+        usage_error(f"--lora-full {full!r}: use one of {', '.join(FULL_CHOICES)}")
+    cfg.train_first_conv, cfg.train_last_block = FULL_CHOICES[full]
+    if task == "depth" and not cfg.train_first_conv:  # the widened conv's new channels must train
+        usage_error("--task depth widens the first conv: --lora-full must include 'first'")
+    return cfg
+
+
+def save_final(model: nn.Module, path: str, cfg: LoRAConfig, /, base: str = "", **extra) -> str:
+    """train.py's final LoRA: save_lora at `path`, and beside it final_kohya.safetensors for diffusers, ComfyUI
+    and A1111 (export_kohya). A depth LoRA's widened input conv has no kohya form: the reason is returned."""
+    save_lora(model, path, cfg, base=base, **extra)
+    try:
+        return export_kohya(path, os.path.join(os.path.dirname(path), "final_kohya.safetensors"), overwrite=True)
+    except (ValueError, LoadError) as e:
+        return f"no final_kohya.safetensors: {e}"
+
+
+def main(argv=None):
+    """python lora.py export IN OUT [--drop-diff]: a LoRA of ours -> kohya's SD1/SD2 file."""
+    p = argparse.ArgumentParser(prog="lora.py", description="Convert a LoRA written by train.py (lora.save_lora) to "
+                                "kohya's SD1/SD2 format, which diffusers' load_lora_weights, ComfyUI and A1111 load.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="IN (ours) -> OUT (kohya .safetensors)")
+    e.add_argument("src", metavar="IN")
+    e.add_argument("dst", metavar="OUT")
+    e.add_argument("--drop-diff", action="store_true", help="leave out the fully trained layers (.diff keys, which "
+                   "diffusers refuses): the LoRA alone, for diffusers")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.src):
+        usage_error(f"{args.src}: no such file")
+    try:
+        print(export_kohya(args.src, args.dst, args.drop_diff))
+    except (ValueError, LoadError, OSError, SafetensorError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,6 @@ from PIL.PngImagePlugin import PngInfo
 
 import cpu_fast
 import diff2flow
-import lora
 import sd
 from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, remove_stale_temps,
                     usage_error)
@@ -36,7 +35,8 @@ parser.add_argument("--ckpt", help="checkpoint, diffusers folder, cached repo id
 parser.add_argument("--prompt", action="append", default=[], help="text prompt; repeat for several")
 parser.add_argument("--prompts", metavar="FILE", help="file with one prompt per line (blank lines skipped)")
 parser.add_argument("--negative", default="", help="negative prompt: the unconditional side of CFG")
-parser.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors (lora.save_lora) merged into --ckpt's UNet")
+parser.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors merged into --ckpt: ours (train.py) or a "
+                    "kohya/A1111/ComfyUI SD1/SD2 LoRA (lora_unet_*/lora_te_* keys)")
 parser.add_argument("--steps", type=int, help="solver steps (default: checkpoint metadata 'steps', else 25)")
 parser.add_argument("--cfg", type=float, help="guidance scale; 1 = no CFG (default: metadata 'cfg', else 7.5)")
 parser.add_argument("--sampler", choices=SAMPLERS, default="euler",
@@ -87,9 +87,8 @@ def load_model(args, dtype):
               "weights (e.g. v1-5-pruned-emaonly.safetensors or a diffusers folder)")
     try:
         bundle = sd.load(ckpt, device=args.device, dtype=dtype, prediction=args.prediction)
-        if args.lora:
-            lora.load_lora(bundle.unet, args.lora)
-            lora.merge_lora(bundle.unet)  # W += up @ down: the LoRA then costs nothing per step
+        if args.lora:  # merged (W += up @ down): the LoRA then costs nothing per step
+            sd.apply_lora(bundle, args.lora)
     except (sd.LoadError, OSError, KeyError, ValueError) as e:
         fail(str(e).strip("'\""))
     return bundle

@@ -3,6 +3,7 @@
     sd = load("v1-5-pruned-emaonly.safetensors")      # original single file (.safetensors or .ckpt)
     sd = load("path/to/stable-diffusion-2-1")          # a diffusers folder (model_index.json, unet/, ...)
     sd = load("stabilityai/stable-diffusion-2-1")      # a repo already in the local Hugging Face cache
+    sd = load("v1-5-pruned-emaonly.safetensors", lora_file="style.safetensors")  # + a LoRA (ours or kohya's)
     ctx = sd.encode_prompt(["a photo of a cat"])       # (B, 77, 768 | 1024)
 
 Our modules mirror the original LDM module tree, so an original checkpoint loads with
@@ -178,9 +179,33 @@ def _strip(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+SDXL = "SDXL is not supported (SD 1.x/2.x only)"
+
+
+def _foreign(sd, path):
+    """What a file without an SD 1.x/2.x UNet holds, as the one-line message saying what to do; None if unknown."""
+    has = lambda *names: any(k.startswith(names) for k in sd)
+    if has("lora_te2_", "conditioner.embedders.", "add_embedding.", PREFIX["unet"] + "label_emb."):
+        return f"{path}: an SDXL model or LoRA; {SDXL}"
+    if lora.is_kohya(sd):
+        return f"{path}: a kohya/A1111 LoRA, not a model; pass the base SD checkpoint as --ckpt and this file as --lora"
+    if any(".lora_A." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in sd):
+        return (f"{path}: a diffusers/peft LoRA (lora_A/lora_B keys); convert it to kohya's format "
+                "(diffusers.utils.convert_state_dict_to_kohya) and pass it with --lora beside the base as --ckpt")
+    if has("conv_in.weight", "down_blocks.") and has("time_embedding."):
+        return (f"{path}: a diffusers-format UNet alone (unet/diffusion_pytorch_model.safetensors); pass the "
+                "diffusers folder that holds model_index.json, unet/, vae/ and text_encoder/")
+    if has("encoder.", "first_stage_model.encoder.") and has("decoder.", "first_stage_model.decoder."):
+        return (f"{path}: a VAE alone (no UNet or text encoder); pass a full SD 1.x/2.x checkpoint as --ckpt "
+                "(its own VAE is used; swapping in a separate VAE is not supported)")
+    return None
+
+
 def _detect_version(sd, path):
     key = PREFIX["unet"] + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     if key not in sd:
+        if msg := _foreign(sd, path):
+            raise LoadError(msg)
         if not any(k.startswith(PREFIX["unet"]) for k in sd):
             raise LoadError(f"{path}: no Stable Diffusion UNet inside (no '{PREFIX['unet']}' keys); "
                             "pass an SD 1.x/2.x checkpoint")
@@ -258,6 +283,10 @@ def _from_tensors(sd, meta, path, prediction, objective):
         w_in, w_out = sd[PREFIX["unet"] + "input_blocks.0.0.weight"], sd[PREFIX["unet"] + "out.2.weight"]
         configs = _configs(version, w_in.shape[1], w_out.shape[0])
         prediction = prediction or _guess_prediction(path, version)
+    if depth := [k for k in sd if k.startswith("depth_model.")]:
+        warnings.warn(f"{path}: an SD2 depth2img checkpoint: its {len(depth)} depth_model.* keys (the MiDaS depth "
+                      f"estimator) are not loaded; its UNet takes {configs[0].in_channels} input channels, the "
+                      "latent's 4 and a depth map you provide")
     abar = sd.get("alphas_cumprod")
     return _bundle(configs, _split_models(sd, version, configs[2]), path, tokenizer=_tokenizer(version),
                    version=version, prediction=prediction, objective=objective or "diffusion", meta=meta,
@@ -272,6 +301,20 @@ def _load_diffusers(folder, dtype, prediction, objective):
                    alphas_cumprod=sd_alphas_cumprod(**f.schedule))
 
 
+def _component_folder(folder):
+    """A diffusers component folder (config.json + weights) given for a pipeline: its pipeline folder if it sits in
+    one (with a warning), else a one-line LoadError saying what it is."""
+    c = diffusers_format._load_json(os.path.join(folder, "config.json"))
+    kind, parent = c.get("_class_name", "a diffusers model"), os.path.dirname(os.path.abspath(folder))
+    if c.get("addition_embed_type") == "text_time" or c.get("cross_attention_dim") == 2048:
+        raise LoadError(f"{folder}: an SDXL UNet; {SDXL}")
+    if os.path.exists(os.path.join(parent, "model_index.json")):
+        warnings.warn(f"{folder}: a diffusers {kind} folder; loading the pipeline folder around it, {parent}")
+        return parent
+    raise LoadError(f"{folder}: a diffusers {kind} folder alone; pass the diffusers pipeline folder that holds "
+                    "model_index.json, unet/, vae/ and text_encoder/")
+
+
 def _single_file_in(folder):
     files = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".ckpt")))
     st = [f for f in files if f.endswith(".safetensors")] or files
@@ -282,11 +325,12 @@ def _single_file_in(folder):
 
 # ----------------------------------------------------------------------------- public API
 
-def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=None):
+def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=None, lora_file=None):
     """Load SD from a single file, a diffusers folder or a cached repo id -> SD bundle.
 
     prediction: force "eps" or "v" (original single files do not say; diffusers folders and our
     own checkpoints do). dtype: the weights' dtype; each tensor is cast as it is read.
+    lora_file: a LoRA (ours or a kohya/A1111 file) merged into the loaded model (apply_lora).
     """
     if prediction not in (None, "eps", "v"):
         raise LoadError(f"prediction must be 'eps' or 'v', not {prediction!r}")
@@ -296,9 +340,14 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
             path = find_in_hf_cache(path)
         else:
             raise LoadError(f"{path}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder or a cached repo id")
+    if os.path.isfile(path) and diffusers_format.WEIGHTS.match(os.path.basename(path)) and \
+            os.path.exists(os.path.join(os.path.dirname(path), "config.json")):  # unet/diffusion_pytorch_model.*
+        path = _component_folder(os.path.dirname(path))
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
-        path = _single_file_in(path)
+        path = _component_folder(path) if os.path.exists(os.path.join(path, "config.json")) else _single_file_in(path)
     sd = _load_resolved(path, dtype, prediction, objective)
+    if lora_file:
+        apply_lora(sd, lora_file)
     if dtype == torch.float16 and sd.version == "sd2":  # SD2's attention logits overflow fp16 (black images)
         sd.unet.cfg.upcast_attention = True
         for m in sd.unet.modules():
@@ -358,6 +407,27 @@ def _load_lora_file(path, meta, dtype, prediction, objective):
     lora.load_lora(sd.unet, path)
     lora.merge_lora(sd.unet)
     return _named(sd, path, meta)
+
+
+def apply_lora(sd, path):
+    """Merge a LoRA file into the bundle in place: ours (lora.save_lora: the UNet, its config in the metadata) or a
+    kohya/A1111/ComfyUI file (lora_unet_* / lora_te_*: UNet and text encoder, merged as diffusers merges it)."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        raise LoadError(f"{path}: a LoRA must be an existing .safetensors file")
+    if "lora_config" in safetensors_metadata(path):
+        lora.load_lora(sd.unet, path)
+        lora.merge_lora(sd.unet)  # W += up @ down: the LoRA then costs nothing per step
+        return sd
+    tensors, _ = read_safetensors(path)
+    if not lora.is_kohya(tensors):
+        raise LoadError(f"{path}: not a LoRA (neither lora.save_lora's metadata nor kohya's lora_unet_/lora_te_ keys); "
+                        f"{_foreign(tensors, path) or 'pass a LoRA file'}")
+    try:
+        lora.merge_kohya(tensors, sd.unet, sd.text_encoder, path)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
+    return sd
 
 
 def state_dict(sd):

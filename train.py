@@ -62,6 +62,8 @@ class TrainConfig:  # None: the preset's value
     prediction: str = arg(None, "eps or v: override the guess for an SD2 file whose name does not say",
                           choices=["eps", "v"])
     lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a width fraction (0.2); '' = full fine-tuning")
+    lora_full: str = arg("first,last", "with --lora, layers trained fully beside it: first,last (the paper's first "
+                         "conv + output block), first, or none (a pure LoRA that every tool loads exactly)")
     resolution: int = arg(None, "image side in pixels: shorter side resized, centre crop (else: the checkpoint's)")
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes")
     grad_accum: int = arg(1, "micro-steps per optimizer step")
@@ -111,7 +113,7 @@ PRESETS = {  # --preset NAME: the value of every option left out; the demo ones 
 }
 SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
                   "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed", "pairs", "n_pairs",
-                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile")  # the rest, e.g. --steps, may change
+                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile", "lora_full")  # others (--steps) may change
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -158,10 +160,7 @@ def check_config(cfg: TrainConfig):
     absolute = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # else a repo id
     cfg.ckpt, cfg.data, cfg.prompts = absolute(cfg.ckpt), absolute(cfg.data), absolute(cfg.prompts)
     cfg.pairs = os.path.abspath(cfg.pairs or os.path.join(cfg.out, "pairs")) if cfg.task == "reflow" else cfg.pairs
-    try:
-        lora_cfg = lora.parse_spec(cfg.lora) if cfg.lora else None
-    except ValueError as e:
-        usage_error(str(e))
+    lora_cfg = lora.config_from_args(cfg.lora, cfg.lora_full, cfg.task) if cfg.lora else None
     return lora_cfg, [m for m in (make_data, make_prompts) if m]
 
 
@@ -198,13 +197,13 @@ def save_checkpoint(run, step):
 
 def save_final(run):
     """final.safetensors (EMA weights): what sample.py loads with no flags (objective, prediction, resolution in
-    the metadata). LoRA: only the trained tensors; the metadata names the base (absolute path or repo id)."""
+    the metadata). LoRA: only the trained tensors, naming the base (path or repo id), and final_kohya.safetensors."""
     cfg, bundle, path = run.cfg, run.bundle, os.path.join(run.cfg.out, "final.safetensors")
     extra = dict(resolution=cfg.resolution, train_steps=cfg.steps, task=cfg.task, **run.data.meta)
     with run.ema.applied() if run.ema else nullcontext():
         if run.lora_cfg:
-            lora.save_lora(run.unet, path, run.lora_cfg, base=cfg.ckpt, objective=run.objective,
-                           prediction=bundle.prediction, **extra)
+            print(lora.save_final(run.unet, path, run.lora_cfg, base=cfg.ckpt, objective=run.objective,
+                                  prediction=bundle.prediction, **extra))
         else:  # sd.save records objective and prediction itself; the base's sampling defaults stay
             extra = {**{k: bundle.meta[k] for k in ("cfg", "steps") if k in bundle.meta}, **extra}
             sd.save(dataclasses.replace(bundle, unet=run.unet, objective=run.objective), path, **extra)

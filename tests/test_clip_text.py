@@ -2,15 +2,17 @@
 import dataclasses
 import html
 import json
+import os
 import random
 import warnings
 
 import ftfy
 import pytest
+import regex
 import torch
 
 from helpers import write_clip_vocab
-from clip_text import (PRESETS, TextEncoder, Tokenizer, from_hf_state_dict,
+from clip_text import (DEFAULT_BPE, PRESETS, TextEncoder, Tokenizer, from_hf_state_dict,
                        unused_keys)
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -50,13 +52,39 @@ def generated(n=200, seed=0):
     return out
 
 
-PROMPTS = HAND + generated()
+# Where SD1's and SD2's tokenizers differ (issue 16): HTML entities (open_clip unescapes them, transformers' slow
+# CLIPTokenizer leaves them to ftfy, which keeps them in text holding '<') and typed special-token text.
+ENTITIES = ["tom & jerry <3 &amp; friends", "<b>bold</b> &amp; more", "fish &amp; chips", "&lt;3 &amp; &gt;",
+            "<i>it</i> &quot;q&quot;", "a <|endoftext|> b", "<|startoftext|> literal", "x <start_of_text> y <end_of_text>",
+            "tom &amp; jerry <|endoftext|> &amp; more", "A <|ENDOFTEXT|> b"]
+PROMPTS = HAND + generated() + ENTITIES
 
 
 def clip_basic_clean(text):
     """OpenAI CLIP's basic_clean. transformers 5's CLIPTokenizer is the `tokenizers` fast backend: it does
     NFC + whitespace + lowercase but neither ftfy nor html.unescape, so its input gets this first."""
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def slow_clip_clean(text):
+    """What transformers' slow CLIPTokenizer (SD1's) fed its BPE, for the fast one: it split off the literal
+    special tokens first (as the fast one does), then ran ftfy.fix_text on each chunk; no html.unescape."""
+    chunks = regex.split(r"(<\|startoftext\|>|<\|endoftext\|>)", text)
+    return "".join(c if c in ("<|startoftext|>", "<|endoftext|>") else ftfy.fix_text(c) for c in chunks)
+
+
+def typed_special(p):
+    return "<|" in p or "_of_text>" in p
+
+
+def open_clip_tokenizer():
+    """open_clip's SimpleTokenizer (SD2's), its tokenizer.py loaded from file: the package needs torchvision."""
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("open_clip_tokenizer", path))
+    module.__spec__.loader.exec_module(module)
+    return module.SimpleTokenizer(bpe_path=DEFAULT_BPE)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +97,8 @@ def hf_tokenizer(folder, pad_token):
     return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), pad_token=pad_token)
 
 
-def hf_ids(tok, prompts):
-    cleaned = [clip_basic_clean(p) for p in prompts]
+def hf_ids(tok, prompts, clean=clip_basic_clean):
+    cleaned = [clean(p) for p in prompts]
     return tok(cleaned, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
@@ -90,23 +118,40 @@ def mismatches(got, want, prompts):
     return [p for p, g, w in zip(prompts, got, want) if not torch.equal(g, w)]
 
 
-def test_tokenizer_matches_hf_sd1_padding(hf_folder):
-    got, want = ours_ids(PROMPTS, 49407), hf_ids(hf_tokenizer(hf_folder, "<|endoftext|>"), PROMPTS)
+def test_tokenizer_matches_slow_clip_tokenizer_sd1(hf_folder):
+    """SD1 = transformers' slow CLIPTokenizer: the fast one behind slow_clip_clean, except where the two differ:
+    special-token text in other case ('<|ENDOFTEXT|>'), which the slow one lowercased, matched with its pattern
+    and took from its BPE cache as the special token, while the fast one BPE-encodes it."""
+    prompts = [p for p in PROMPTS if p != "A <|ENDOFTEXT|> b"]
+    got, want = ours_ids(prompts, 49407), hf_ids(hf_tokenizer(hf_folder, "<|endoftext|>"), prompts, slow_clip_clean)
+    bad = mismatches(got, want, prompts)
+    assert not bad, f"{len(bad)} prompts differ from SD1's CLIPTokenizer semantics, e.g. {bad[:3]!r}"
+    assert (got[prompts.index("")] == torch.tensor([49406, 49407] + [49407] * 75)).all()
+    ids = Tokenizer().encode
+    assert ids("A <|ENDOFTEXT|> b") == ids("a <|endoftext|> b") == ids("a") + [49407] + ids("b")
+    assert ids("tom &amp; jerry") == ids("tom & jerry") != ids("tom &amp; jerry <3")  # ftfy's rule for '<'
+
+
+def test_tokenizer_matches_open_clip_sd2():
+    """SD2 = open_clip's SimpleTokenizer: HTML unescaped twice; <start_of_text>/<end_of_text> are its special
+    tokens, typed <|startoftext|> is plain text; zero padding."""
+    got, want = ours_ids(PROMPTS, 0), open_clip_tokenizer()(PROMPTS)
     bad = mismatches(got, want, PROMPTS)
-    assert not bad, f"{len(bad)} prompts differ from HF CLIPTokenizer(pad_token='<|endoftext|>'), e.g. {bad[:3]!r}"
-    assert (got[PROMPTS.index("")] == torch.tensor([49406, 49407] + [49407] * 75)).all()
+    assert not bad, f"{len(bad)} prompts differ from open_clip's SimpleTokenizer, e.g. {bad[:3]!r}"
+    assert 49406 not in ours_ids("<|startoftext|> literal", 0)[0, 1:].tolist()
 
 
 def test_tokenizer_matches_hf_sd2_padding(hf_folder):
     hf = hf_tokenizer(hf_folder, "!")
-    plain = [p for p in PROMPTS if "!" not in clip_basic_clean(p)]
+    # (typed special-token text aside: the SD2 test above covers it with open_clip itself)
+    plain = [p for p in PROMPTS if "!" not in clip_basic_clean(p) and not typed_special(p)]
     assert len(plain) >= 150
     bad = mismatches(ours_ids(plain, 0), hf_ids(hf, plain), plain)
     assert not bad, f"{len(bad)} prompts differ from HF CLIPTokenizer(pad_token='!'), e.g. {bad[:3]!r}"
     # With pad_token="!", HF also turns every "!" typed in a prompt into the special pad token (diffusers
     # issue #4153). Original SD2 used open_clip.tokenize: "!" is BPE-encoded like any symbol, and only the
     # padding is 0. So for those prompts the reference is the SD1-padded ids with the padding zeroed.
-    bang = [p for p in PROMPTS if p not in plain]
+    bang = [p for p in PROMPTS if p not in plain and not typed_special(p)]
     want = hf_ids(hf_tokenizer(hf_folder, "<|endoftext|>"), bang)
     want[torch.arange(77) > (want == 49407).int().argmax(1, keepdim=True)] = 0
     bad = mismatches(ours_ids(bang, 0), want, bang)
@@ -131,7 +176,8 @@ def test_from_folder_pad_token(hf_folder, tmp_path, pad_entry, pad_id):
     tok = Tokenizer.from_folder(str(tmp_path))
     assert tok.pad_id == pad_id
     from transformers import CLIPTokenizer  # HF reads the same folder to the same ids ("!" aside, see above)
-    plain = [p for p in PROMPTS if "!" not in clip_basic_clean(p)][:30]
+    # (typed special-token text aside: the SD2 test above covers it with open_clip itself)
+    plain = [p for p in PROMPTS if "!" not in clip_basic_clean(p) and not typed_special(p)][:30]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = tok(plain)

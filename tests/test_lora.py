@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import cpu_fast
 import lora
-from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, from_kohya, load_exact, load_lora, lora_rank,
+from lora import (GROUPS, PRESETS, LoRAConfig, LoRALayer, apply_lora, load_exact, load_lora, lora_rank,
                   lora_state_dict, merge_lora, save_lora, to_kohya)
 from unet import PRESETS as UNET_PRESETS
 from unet import UNet
@@ -187,24 +187,25 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_kohya_roundtrip():
+    """to_kohya (scale folded into lora_up, fully trained layers as .diff/.diff_b) -> merge_kohya into the base: the
+    same UNet output as our LoRA merged."""
     model = tiny_unet()
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
     apply_lora(model, PRESETS["small"])
     train_a_bit(model)
-    sd = lora_state_dict(model)
-    kohya = to_kohya(sd, base_sd)
-    name = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"  # tiny: attention from ds=2
-    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= set(kohya)
-    assert kohya[f"{name}.alpha"].shape == () and kohya["lora_unet_out_2.diff"].shape == (4, 32, 3, 3)
-    back = from_kohya(kohya, base_sd)
-    assert back.keys() == sd.keys()
-    for k, v in sd.items():
-        if lora.is_lora_key(k):
-            assert torch.equal(back[k], v), k
-        else:  # fully trained layers travel as (trained - base) diffs: exact up to one rounding
-            assert torch.allclose(back[k], v, rtol=0, atol=1e-6), f"{k} diff round trip (atol 1e-6)"
+    kohya = to_kohya(lora_state_dict(model), model.cfg, base_sd)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # tiny: attention from ds=2
+    assert lora.kohya_unet_name("input_blocks.3.1.transformer_blocks.0.attn1.to_q", model.cfg) == name
+    assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight"} <= set(kohya) and not any("alpha" in k for k in kohya)
+    assert kohya["lora_unet_conv_out.diff"].shape == (4, 32, 3, 3) and "lora_unet_out_0.diff_b" in kohya
+    x, t, c = inputs()
+    with torch.no_grad():
+        want = model(x, t, c)
+        back = tiny_unet()
+        assert lora.merge_kohya(kohya, back) == len({k.partition(".")[0] for k in kohya})
+        assert rel_err(back(x, t, c), want) <= 1e-5, "kohya round trip (tol 1e-5 relative)"
     with pytest.raises(AssertionError, match="needs base_sd"):
-        to_kohya(sd)
+        to_kohya(lora_state_dict(model), model.cfg)
 
 
 def full_sd21(cfg=None):
@@ -214,21 +215,22 @@ def full_sd21(cfg=None):
     return m, names
 
 
-def test_kohya_names_are_ldm_module_paths():
+def test_kohya_names_are_diffusers_module_paths():
+    """kohya's SD1/SD2 trainer's names (diffusers module paths, '.' -> '_'), one per wrapped layer, each resolved
+    back to that layer by kohya_targets; the LDM-path form resolves to the same layer."""
     model, names = full_sd21(PRESETS["base"])
-    modules = dict(model.named_modules())
-    underscored = {n.replace(".", "_"): n for n in modules}
-    assert len(underscored) == len(modules), "'.' -> '_' must be injective on the UNet's module names"
-    meta_sd = {k: torch.empty(0) for k in model.state_dict()}  # names only
-    kohya = to_kohya({k: v for k, v in meta_sd.items() if lora.is_lora_key(k)})
-    kohya_names = {k.partition(".")[0].removeprefix("lora_unet_") for k in kohya}
+    meta_sd = {k: torch.empty(0) for k in model.state_dict() if lora.is_lora_key(k)}  # names only
+    kohya_names = {k.partition(".")[0] for k in to_kohya(meta_sd, model.cfg)}
     assert len(kohya_names) == len(names) == 192
-    for kn in kohya_names:  # every kohya name is an original LDM path of a wrapped Linear/Conv2d
-        assert kn in underscored and underscored[kn] in names, kn
-    assert "input_blocks_1_1_transformer_blocks_0_attn1_to_q" in kohya_names
-    assert "output_blocks_2_1_conv" in kohya_names  # Upsample conv
-    assert "input_blocks_1_0_skip_connection" not in kohya_names  # 320 -> 320: Identity, no conv there
-    assert "input_blocks_4_0_skip_connection" in kohya_names  # 320 -> 640: 1x1 conv
+    targets, modules = lora.kohya_targets(model), dict(model.named_modules())
+    for n in names:
+        ours = targets["lora_unet_" + n.replace(".", "_")]
+        assert targets[lora.kohya_unet_name(n, model.cfg)][0] is ours[0] is modules[n].weight, n
+    kn = {k.removeprefix("lora_unet_") for k in kohya_names}
+    assert "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in kn
+    assert "up_blocks_0_upsamplers_0_conv" in kn  # output_blocks.2.1.conv
+    assert "down_blocks_0_resnets_0_conv_shortcut" not in kn  # 320 -> 320: Identity, no conv there
+    assert "down_blocks_1_resnets_0_conv_shortcut" in kn  # 320 -> 640: 1x1 conv
 
 
 def trainable(model):
