@@ -28,7 +28,8 @@ PATTERNS = {
 }
 # "conv": every other Conv2d -- ResBlock 3x3s, 1x1 skip connections, Downsample.op, Upsample.conv --
 # except the first (input_blocks.0.0) and last (out.2) conv, which the presets train fully instead.
-GROUPS = (*PATTERNS, "conv")
+# "proj_conv": proj_in/proj_out only where they are 1x1 Conv2d (SD1.x), which the official rule wraps as convs.
+GROUPS = (*PATTERNS, "conv", "proj_conv")
 FIRST, LAST = "input_blocks.0.0", "out"  # the whole out block: GroupNorm out.0 + conv out.2
 LORA_LEAVES = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -56,6 +57,10 @@ PRESETS: dict[str, LoRAConfig] = {
     # non-linear transformer) brings it within 2.1%.
     "base": LoRAConfig(rank=0.2, targets=("conv", "proj", "attn1", "attn2")),
     "small": LoRAConfig(rank=64, targets=("conv", "attn1", "attn2", "proj", "ff")),  # 61.5M (paper: 62M)
+    # The official rule exactly (trainer_module.py add_lora_to_unet with c0.2_fullA0.2_FL): every Conv2d but the
+    # first and the out block's + attn1/attn2 q/k/v, rank ceil(0.2 max(in, out)): 207.5M trainable on SD2.1
+    # (paper: 222M), where proj_in/out are Linear and stay frozen; on SD1.x it wraps their 1x1 convs (= base there).
+    "official": LoRAConfig(rank=0.2, targets=("conv", "proj_conv", "attn1", "attn2")),
 }
 
 
@@ -87,7 +92,7 @@ class LoRALayer:
         self.weight, self.bias = base.weight, base.bias  # the original Parameters: same keys, no copy
         self.rank, self.merged = rank, False
         self.lora_dropout = nn.Dropout(dropout)
-        self.lora_down, self.lora_up = down, up  # down keeps its default kaiming-uniform init
+        self.lora_down, self.lora_up = down, up  # Linear down: nn.Linear's default init (as the official)
         nn.init.zeros_(up.weight)  # a fresh LoRA is exactly the base layer
         # a buffer, not a float: travels in the state dict and is the kohya ".alpha" key
         self.register_buffer("alpha", torch.tensor(float(alpha or rank), device=base.weight.device))
@@ -129,6 +134,7 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         kw = dict(bias=False, device=b.weight.device, dtype=b.weight.dtype)
         # down sees the same receptive field and stride as the base conv, up is a 1x1 mix (LoCon style)
         down = nn.Conv2d(b.in_channels, rank, b.kernel_size, b.stride, b.padding, padding_mode=b.padding_mode, **kw)
+        nn.init.kaiming_normal_(down.weight, a=1)  # as the official LoRAConv: std 1/sqrt(fan_in) (default: 0.58/sqrt)
         self._add_lora(b, down, nn.Conv2d(rank, b.out_channels, 1, **kw), rank, alpha, dropout)
 
 
@@ -141,12 +147,17 @@ def target_group(name: str, module: nn.Module) -> str | None:
     return None
 
 
+def targeted(name: str, module: nn.Module, targets) -> bool:
+    g = target_group(name, module)
+    return g in targets or (g == "proj" and "proj_conv" in targets and isinstance(module, nn.Conv2d))
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Wrap the targeted layers in place; freeze everything except the LoRA factors and the fully trained
     layers. Returns the wrapped module names."""
     assert not any(isinstance(m, LoRALayer) for m in model.modules()), "model already has LoRA"
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and target_group(n, m) in cfg.targets]
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and targeted(n, m, cfg.targets)]
     model.requires_grad_(False)
     for name in names:
         parent, _, leaf = name.rpartition(".")

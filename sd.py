@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import clip_text
+import diff2flow
 import diffusers_format
 import lora
 import unet as unet_mod
@@ -299,6 +300,8 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
         path = _single_file_in(path)
     sd = _load_resolved(path, dtype, prediction, objective)
+    if sd.meta.get("zero_terminal_snr") == "True":  # trained so (train.py records it): a LoRA's or UNet file's
+        sd.alphas_cumprod = diff2flow.rescale_zero_terminal_snr(sd.alphas_cumprod)  # base has SD's (idempotent)
     if dtype == torch.float16 and sd.version == "sd2":  # SD2's attention logits overflow fp16 (black images)
         sd.unet.cfg.upcast_attention = True
         for m in sd.unet.modules():
