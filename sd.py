@@ -299,9 +299,7 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
             raise LoadError(f"{path}: no such file or folder; pass a .safetensors/.ckpt file, a diffusers folder or a cached repo id")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
         path = _single_file_in(path)
-    sd = _load_resolved(path, dtype, prediction, objective)
-    if sd.meta.get("zero_terminal_snr") == "True":  # trained so (train.py records it): a LoRA's or UNet file's
-        sd.alphas_cumprod = diff2flow.rescale_zero_terminal_snr(sd.alphas_cumprod)  # base has SD's (idempotent)
+    sd = follow_schedule(_load_resolved(path, dtype, prediction, objective), None)
     if dtype == torch.float16 and sd.version == "sd2":  # SD2's attention logits overflow fp16 (black images)
         sd.unet.cfg.upcast_attention = True
         for m in sd.unet.modules():
@@ -309,6 +307,14 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
                 m.upcast = True
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.to(device)
+    return sd
+
+
+def follow_schedule(sd, meta=None):
+    """Zero terminal SNR where the metadata (default: the bundle's) says the UNet was trained with it (train.py
+    --zero-terminal-snr records it): a LoRA's or UNet-only file's base brings SD's schedule. Idempotent."""
+    if (sd.meta if meta is None else meta).get("zero_terminal_snr") == "True":
+        sd.alphas_cumprod = diff2flow.rescale_zero_terminal_snr(sd.alphas_cumprod)
     return sd
 
 
