@@ -28,8 +28,7 @@ PATTERNS = {
 }
 # "conv": every other Conv2d -- ResBlock 3x3s, 1x1 skip connections, Downsample.op, Upsample.conv --
 # except the first (input_blocks.0.0) and last (out.2) conv, which the presets train fully instead.
-# "proj_conv": proj_in/proj_out only where they are 1x1 Conv2d (SD1.x), which the official rule wraps as convs.
-GROUPS = (*PATTERNS, "conv", "proj_conv")
+GROUPS = (*PATTERNS, "conv")
 FIRST, LAST = "input_blocks.0.0", "out"  # the whole out block: GroupNorm out.0 + conv out.2
 LORA_LEAVES = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -57,10 +56,11 @@ PRESETS: dict[str, LoRAConfig] = {
     # non-linear transformer) brings it within 2.1%.
     "base": LoRAConfig(rank=0.2, targets=("conv", "proj", "attn1", "attn2")),
     "small": LoRAConfig(rank=64, targets=("conv", "attn1", "attn2", "proj", "ff")),  # 61.5M (paper: 62M)
-    # The official rule exactly (trainer_module.py add_lora_to_unet with c0.2_fullA0.2_FL): every Conv2d but the
-    # first and the out block's + attn1/attn2 q/k/v, rank ceil(0.2 max(in, out)): 207.5M trainable on SD2.1
-    # (paper: 222M), where proj_in/out are Linear and stay frozen; on SD1.x it wraps their 1x1 convs (= base there).
-    "official": LoRAConfig(rank=0.2, targets=("conv", "proj_conv", "attn1", "attn2")),
+    # The official rule on SD2.x exactly (trainer_module.py add_lora_to_unet with c0.2_fullA0.2_FL): every Conv2d
+    # but the first and the out block's + attn1/attn2 q/k/v, rank ceil(0.2 max(in, out)): 207.5M trainable on
+    # SD2.1 (paper: 222M), whose proj_in/out are Linear and stay frozen. On SD1.x the official rule also wraps the
+    # 1x1 proj convs: there it is `base`.
+    "official": LoRAConfig(rank=0.2, targets=("conv", "attn1", "attn2")),
 }
 
 
@@ -147,17 +147,12 @@ def target_group(name: str, module: nn.Module) -> str | None:
     return None
 
 
-def targeted(name: str, module: nn.Module, targets) -> bool:
-    g = target_group(name, module)
-    return g in targets or (g == "proj" and "proj_conv" in targets and isinstance(module, nn.Conv2d))
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Wrap the targeted layers in place; freeze everything except the LoRA factors and the fully trained
     layers. Returns the wrapped module names."""
     assert not any(isinstance(m, LoRALayer) for m in model.modules()), "model already has LoRA"
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and targeted(n, m, cfg.targets)]
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and target_group(n, m) in cfg.targets]
     model.requires_grad_(False)
     for name in names:
         parent, _, leaf = name.rpartition(".")

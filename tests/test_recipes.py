@@ -233,33 +233,44 @@ def test_zero_snr_sampling_from_pure_noise_recovers_the_gaussian(zt, prediction)
 
 # ----------------------------------------------------------------------------- LoRA, depth, EMA
 
-def official_rule_count(model, ratio=0.2):
-    """Trainable parameters by the official code's loop (trainer_module.py add_lora_to_unet with c0.2_fullA0.2_FL),
-    written out independently over our UNet's LDM paths: first conv and out block fully, attention q/k/v
-    (attn1/attn2) LoRA, every other Conv2d LoRA with a same-kernel down and 1x1 up; bias paths skipped."""
+def official_rule_count(model, conv=0.2, attn=0.2, mlp=None):
+    """Trainable parameters by the official code's loop (trainer_module.py add_lora_to_unet, with
+    c0.2_fullA0.2_FL or c64_fullA64_m64_FL), written out independently over our UNet's LDM paths: first conv
+    and out block fully; paths with "attn": q/k/v LoRA, the rest skipped (so to_out.0 too); bias paths skipped;
+    every other Conv2d a LoRA (same-kernel down, 1x1 up); then the mlp Linears. Rank: an int, or
+    ceil(ratio x max(in, out))."""
+    rank = lambda r, i, o: r if isinstance(r, int) else math.ceil(max(i, o) * r)  # noqa: E731
     n = sum(p.numel() for k, p in model.named_parameters() if k.startswith(("input_blocks.0.0.", "out.")))
-    for path, w in model.state_dict().items():
+    for path in model.state_dict():
         mod = model.get_submodule(path.rpartition(".")[0])
+        if path.startswith(("input_blocks.0.0.", "out.")):
+            continue
         if "attn" in path:
             if path.split(".")[-2] in ("to_q", "to_k", "to_v"):
-                r = math.ceil(max(mod.out_features, mod.in_features) * ratio)
-                n += r * (mod.in_features + mod.out_features)
-        elif path.endswith("bias") or path.startswith(("input_blocks.0.0.", "out.")):
+                n += rank(attn, mod.in_features, mod.out_features) * (mod.in_features + mod.out_features)
+        elif path.endswith("bias"):
             continue
         elif isinstance(mod, torch.nn.Conv2d):
-            r = math.ceil(max(mod.in_channels, mod.out_channels) * ratio)
+            r = rank(conv, mod.in_channels, mod.out_channels)
             n += r * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] + r * mod.out_channels
+        elif mlp and any(k in path for k in ("to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")):
+            n += rank(mlp, mod.in_features, mod.out_features) * (mod.in_features + mod.out_features)
     return n
 
 
-@pytest.mark.parametrize("arch, count", [("sd21", 207_459_652), ("sd15", 214_262_980)])
-def test_official_preset_is_the_official_rule(arch, count):
-    """The 'official' preset on the full SD2.1 / SD1.5 UNets (meta device): the count of the official loop. SD2.1:
-    207.5M (paper 222M; our 'base' 217.4M adds its Linear proj_in/out); SD1.5: its 1x1 proj convs are convs."""
+@pytest.mark.parametrize("arch, preset, official, count", [
+    ("sd21", "official", {}, 207_459_652), ("sd15", "base", {}, 214_262_980),
+    ("sd21", "small", dict(conv=64, attn=64, mlp=64), 61_513_156), ("sd15", "small", dict(conv=64, attn=64, mlp=64),
+                                                                    60_988_868)])
+def test_lora_presets_are_the_official_rules(arch, preset, official, count):
+    """On the full SD2.1 / SD1.5 UNets (meta device), what the official loop trains with c0.2_fullA0.2_FL is
+    'official' on SD2.1 (207.5M, paper 222M; our 'base' 217.4M adds its Linear proj_in/out) and 'base' on SD1.5
+    (whose 1x1 proj convs the official loop wraps as convs); with c64_fullA64_m64_FL, 'small' on both (SD2.1:
+    61.5M, paper 62M)."""
     with torch.device("meta"):
         ref, model = unet_mod.UNet(unet_mod.PRESETS[arch]), unet_mod.UNet(unet_mod.PRESETS[arch])
-    lora.apply_lora(model, lora.PRESETS["official"])
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == official_rule_count(ref) == count
+    lora.apply_lora(model, lora.PRESETS[preset])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == official_rule_count(ref, **official) == count
 
 
 def test_conv_lora_down_init_is_kaiming_normal_a1():

@@ -137,7 +137,8 @@ def recipe_args(objective, lora):
     for k in NON_SCALE:
         flag = "--" + k.replace("_", "-")
         out += ([flag] if r[k] else []) if isinstance(r[k], bool) else [flag, str(r[k])]
-    return out + (["--lora", r["lora"]] if lora else [])
+    # the official LoRA rule wraps 1x1 proj convs as convs: on the tiny UNet (SD1 layout) that is `base`
+    return out + (["--lora", {"official": "base"}.get(r["lora"], r["lora"])] if lora else [])
 
 
 def run_args(setup, objective, lora, out, data):
