@@ -153,6 +153,11 @@ def test_every_recipe_runs_one_step(files, tmp_path, name):
     assert bundle.prediction == recipe["prediction"]
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
+    if task == "depth":  # depth.py decodes as the file says it was trained: official = not clipped
+        image = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        y = depth.predict(bundle, image, steps=1, ensemble=1)[0]
+        bundle.meta["depth_norm"] = "ours"
+        assert torch.equal(depth.predict(bundle, image, steps=1, ensemble=1)[0], y.clamp(-1, 1))
 
 
 # ----------------------------------------------------------------------------- zero terminal SNR, end to end
