@@ -335,8 +335,9 @@ def report(res):
         start = res["zero_shot"]["naive FM reading" if name.startswith("fm-") else "diff2flow (Euler)"]["fm_loss"]
         md.append(f"| {name} | {start:.3f} | " + " | ".join(f"{run['curve'][c]['fm_loss']:.3f}" for c in
                                                              run["curve"]) + f" | {run['minutes']:.1f} |")
-    md.append("\nPlot: `results.png` (left: FD vs sampling steps after fine-tuning; right: FM validation loss "
-              "along fine-tuning). Raw numbers: `runs/reproduce/results.json`.\n")
+    png = "results.png" if not official else "results-official.png"
+    md.append(f"\nPlot: `{png}` (left: FD vs sampling steps after fine-tuning; right: FM validation loss "
+              f"along fine-tuning). Raw numbers: `{s.get('out', 'runs/reproduce')}/results.json`.\n")
     return "\n".join(md)
 
 
