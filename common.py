@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sys
+import tomllib
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -67,6 +68,18 @@ def dataclass_parser(cls, description, epilog):
             else {"type": f.type}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw, **f.metadata)
     return p
+
+
+def given_options(parser, argv=None):
+    """The options the command line itself sets (their dests): argv parsed again with every default suppressed."""
+    saved = [(a, a.default) for a in parser._actions]
+    for a, _ in saved:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in saved:
+            a.default = d
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -418,18 +431,28 @@ class DivergenceGuard:
         return None
 
 
+def ema_decay(n, decay, warmup="ours"):
+    """The EMA decay at update n (1, 2, ...). ours: min(decay, (1 + n) / (10 + n)). official (CompVis/diff2flow's
+    ema.py, lucidrains' ema-pytorch with update_after_step 1000, power 3/4, as configs/config.yaml and
+    trainer_module.py set it): a plain copy for the first 1001 updates, then min(decay, 1 - (1 + e)^-3/4),
+    e = n - 1001 (0.999 from e = 10^4)."""
+    if warmup == "official":
+        return min(decay, 1 - (1 + max(n - 1001, 0)) ** -0.75)
+    return min(decay, (1 + n) / (10 + n))
+
+
 class EMA:
     """Exponential moving average of the trainable weights (fp32, beside them). The decay warms up as
-    min(decay, (1 + n) / (10 + n)): early on it follows the weights instead of averaging in the start."""
+    ema_decay says: early on it follows the weights instead of averaging in the start."""
 
-    def __init__(self, params, decay):
-        self.params, self.decay, self.n = params, decay, 0
+    def __init__(self, params, decay, warmup="ours"):
+        self.params, self.decay, self.warmup, self.n = params, decay, warmup, 0
         self.shadow = [p.detach().clone() for p in params]
 
     @torch.no_grad()
     def update(self):
         self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        d = ema_decay(self.n, self.decay, self.warmup)
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
 
     @contextmanager
@@ -603,3 +626,56 @@ class RunLog:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def setting_value(v):
+    """A settings-file value: plain, or {value = ..., source = "..."} (where it comes from)."""
+    return v["value"] if isinstance(v, dict) and "value" in v else v
+
+
+def load_settings(path):
+    """A TOML file of named settings (train.py's presets, recipes/) -> {name: {field: value}}, each table with
+    the values of the table its `inherit` names filled in (a chain). Sources stay in table[name]["sources"]."""
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+
+    def resolved(name, seen=()):
+        if name in seen or name not in raw:
+            raise ValueError(f"{path}: [{name}] is inherited in a cycle or missing")
+        t = raw[name]
+        out = resolved(t["inherit"], (*seen, name)) if "inherit" in t else {"sources": {}}
+        out = {**out, "sources": dict(out["sources"])}
+        for k, v in t.items():
+            if k != "inherit":
+                out[k] = setting_value(v)
+                out["sources"][k] = v.get("source", "") if isinstance(v, dict) else ""
+        return out
+    return {name: resolved(name) for name in raw if not name.startswith("_")}
+
+
+def resolve_settings(cfg, presets, recipes, world=1):
+    """Fill the options of dataclass `cfg` not given on the command line (cfg.given, from given_options; else
+    those still at their default) from --recipe's table, then --preset's (default: TASK with a --ckpt, TASK-demo
+    without). lr: the table's lora_lr under --lora. A recipe's global_batch sets --grad-accum for `world`
+    processes unless given. --print-config: the result as JSON (with the recipe's sources), exit 0."""
+    fields = dataclasses.fields(cfg)
+    given = getattr(cfg, "given", None) or {f.name for f in fields if getattr(cfg, f.name) != f.default}
+    recipe = recipes[cfg.recipe] if cfg.recipe else {"sources": {}}
+    task = cfg.task if "task" in given else recipe.get("task", cfg.task)
+    cfg.preset = cfg.preset if "preset" in given else recipe.get("preset") or (task if cfg.ckpt else f"{task}-demo")
+    if cfg.preset not in presets:
+        usage_error(f"unknown --preset {cfg.preset!r}: use one of {', '.join(presets)}")
+    table = {**presets[cfg.preset], **recipe, "preset": cfg.preset}
+    vars(cfg).update({k: v for k, v in table.items() if hasattr(cfg, k) and k not in given | {"lr", "preset"}})
+    cfg.lr = cfg.lr if "lr" in given else table["lora_lr"] if cfg.lora else table["lr"]
+    if "global_batch" in table and "grad_accum" not in given:
+        cfg.grad_accum, rest = divmod(table["global_batch"], cfg.batch_size * world)
+        if rest or not cfg.grad_accum:
+            usage_error(f"--recipe {cfg.recipe}: its global batch {table['global_batch']} is not a multiple of "
+                        f"--batch-size {cfg.batch_size} x {world} process(es); pass a --batch-size that divides it "
+                        "(or --grad-accum)")
+    if cfg.print_config:
+        resolved = {f.name: getattr(cfg, f.name) for f in fields}
+        print(json.dumps({**resolved, "global_batch": cfg.batch_size * cfg.grad_accum * world, "world_size": world,
+                          "sources": {k: s for k, s in recipe["sources"].items() if s}}, indent=1))
+        raise SystemExit(0)

@@ -16,7 +16,10 @@ once. It is a flow from noise (t = 0) to the depth latent (t = 1), sampled with 
 Depth encoding (normalize_depth): log depth, per image mapped to [-1, 1] by its 2% and 98% quantiles over
 the valid pixels (Marigold's quantiles; log depth as the Diff2Flow paper: equal relative errors weigh the
 same near and far), clipped, invalid pixels set to 1 (far: in our scenes they are sky; the latent loss has
-no pixel mask), replicated to 3 channels and VAE-encoded; decoding averages the 3 channels. So the model
+no pixel mask), replicated to 3 channels and VAE-encoded; decoding averages the 3 channels. Or, with
+train.py --depth-norm official (the paper recipes), the official code's: depth capped at 120 m, missing
+values interpolated, log depth mapped by the 1% and 99% percentiles of all pixels, not clipped; the
+checkpoint records it ("depth_norm") and predict() then leaves the decoded values unclipped too. So the model
 predicts affine-invariant LOG depth: y = a log(depth) + b for unknown a > 0, b. Outputs are r = (y + 1) / 2
 in [0, 1] (0 = near): `NAME_depth.npy` holds r, `NAME_depth16.png` holds round(65535 r).
 
@@ -65,6 +68,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 QUANTILES = (0.02, 0.98)  # Marigold's robust per-image depth range
+NORMS = ("ours", "official")  # normalize_depth's two encodings (train.py --depth-norm)
+FAR_PLANE = 120.0  # metres: the official cap (CompVis/diff2flow diff2flow/dataset/depth_preprocessing.py MAX_FAR_PLANE)
 # ColorBrewer "Spectral" (as matplotlib's), reversed so that 0 = near = warm
 SPECTRAL = np.array([(158, 1, 66), (244, 109, 67), (255, 255, 191), (102, 194, 165), (94, 79, 162)], float)
 UNCERTAINTY_WHITE = 0.25  # ensemble std of r shown as white in NAME_uncertainty.png
@@ -78,9 +83,12 @@ class DepthError(ValueError):
 
 # ----------------------------------------------------------------------------- depth <-> latents
 
-def normalize_depth(depth, valid):
+def normalize_depth(depth, valid, norm="ours"):
     """Metric depth (B, 1, H, W) and valid mask -> per-image log depth in [-1, 1] by the 2%/98% quantiles
-    of the valid pixels; invalid pixels = 1 (far). An image with no valid pixel is all 1."""
+    of the valid pixels; invalid pixels = 1 (far). An image with no valid pixel is all 1.
+    norm="official": normalize_depth_official (the mask is not used, as there)."""
+    if norm == "official":
+        return torch.stack([normalize_depth_official(d) for d in depth]) if len(depth) else depth.float()
     out = torch.ones_like(depth, dtype=torch.float32)
     for i in range(len(depth)):
         v = valid[i] & (depth[i] > 0) & torch.isfinite(depth[i])
@@ -93,6 +101,23 @@ def normalize_depth(depth, valid):
     return out
 
 
+def normalize_depth_official(depth):
+    """One depth map (..., H, W), metres -> the official encoding (preprocess_depth in CompVis/diff2flow's
+    diff2flow/dataset/depth_preprocessing.py): capped at FAR_PLANE, missing values (0, NaN) filled by np.interp
+    along the raster order (1e-4 m before the first / after the last valid pixel, as its interpolate_nans),
+    log depth mapped to [-1, 1] by its 1% and 99% percentiles over ALL pixels, NOT clipped (the 2% of pixels
+    beyond lie outside [-1, 1]). A map with no valid pixel is all 1 (far), as normalize_depth's."""
+    d = np.minimum(depth.double().cpu().numpy().reshape(-1), FAR_PLANE)
+    bad = ~(d > 0)  # 0 (our files' invalid), negative, NaN; +inf was capped
+    if bad.all():
+        return torch.ones_like(depth, dtype=torch.float32)
+    if bad.any():
+        d[bad] = np.interp(np.flatnonzero(bad), np.flatnonzero(~bad), d[~bad], left=1e-4, right=1e-4)
+    lo, hi = np.log(np.percentile(d, (1, 99)))
+    y = (np.log(d) - lo) / max(hi - lo, 1e-6) * 2 - 1
+    return torch.from_numpy(y).reshape(depth.shape).float()
+
+
 @torch.no_grad()
 def encode_depth(vae, y):
     """Normalised depth (B, 1, H, W) in [-1, 1] -> scaled latent means (B, 4, H/f, W/f): as a grey image."""
@@ -100,9 +125,11 @@ def encode_depth(vae, y):
 
 
 @torch.no_grad()
-def decode_depth(vae, z):
-    """Latents -> normalised depth (B, 1, H, W): the decoded image's 3 channels averaged, clipped to [-1, 1]."""
-    return vae.decode(z.to(next(vae.parameters()).dtype)).float().mean(1, keepdim=True).clamp(-1, 1)
+def decode_depth(vae, z, clip=True):
+    """Latents -> normalised depth (B, 1, H, W): the decoded image's 3 channels averaged, clipped to [-1, 1]
+    (clip=False: as decoded, for the official encoding, whose targets are not clipped)."""
+    y = vae.decode(z.to(next(vae.parameters()).dtype)).float().mean(1, keepdim=True)
+    return y.clamp(-1, 1) if clip else y
 
 
 # ----------------------------------------------------------------------------- the model
@@ -183,9 +210,10 @@ def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None)
                                      bundle.prediction, bundle.objective)
     noise = torch.randn((ensemble, *cond.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(device)
     z = diff2flow.sample_euler(model, noise, steps, context.expand(ensemble, -1, -1))
-    y, spread = ensemble_median(decode_depth(vae, z)[:, 0].cpu())  # (h, w) each
+    clip = bundle.meta.get("depth_norm", "ours") == "ours"  # the encoding it was trained on (train.py records it)
+    y, spread = ensemble_median(decode_depth(vae, z, clip)[:, 0].cpu())  # (h, w) each
     up = F.interpolate(torch.stack([y, spread])[None], (H, W), mode="bilinear", align_corners=False)[0]
-    return up[0].clamp(-1, 1), up[1]
+    return up[0].clamp(-1, 1) if clip else up[0], up[1]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -301,9 +329,9 @@ def square(x, resolution, mode):
 
 
 @torch.no_grad()
-def encode_pairs(bundle, ds, resolution, batch=64):
-    """Every pair at resolution x resolution -> depth latents x1 (N, 4, r, r) and image latents (N, 4, r, r),
-    on the CPU (--task depth encodes its data once: the demo's is small)."""
+def encode_pairs(bundle, ds, resolution, batch=64, norm="ours"):
+    """Every pair at resolution x resolution -> depth latents x1 (N, 4, r, r) (normalize_depth's `norm`) and image
+    latents (N, 4, r, r), on the CPU (--task depth encodes its data once: the demo's is small)."""
     x1, cond = [], []
     for start in tqdm(range(0, len(ds), batch), desc="encoding depth pairs", dynamic_ncols=True):
         items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
@@ -311,7 +339,7 @@ def encode_pairs(bundle, ds, resolution, batch=64):
         depth = torch.stack([square(d[None], resolution, "nearest") for _, d, _ in items])
         valid = torch.stack([square(v[None], resolution, "nearest") > 0.5 for _, _, v in items])
         p = next(bundle.vae.parameters())
-        x1.append(encode_depth(bundle.vae, normalize_depth(depth, valid).to(p.device)).cpu())
+        x1.append(encode_depth(bundle.vae, normalize_depth(depth, valid, norm).to(p.device)).cpu())
         cond.append(bundle.vae.encode(images.to(p.device, p.dtype)).float().cpu())
     return torch.cat(x1), torch.cat(cond)
 
@@ -326,7 +354,7 @@ def task(cfg, bundle, env):
     check_depth_model(bundle, cfg.ckpt)
     ds = PairDataset(cfg.data)
     with env.amp():
-        x1, cond = encode_pairs(bundle, ds, cfg.resolution)
+        x1, cond = encode_pairs(bundle, ds, cfg.resolution, norm=cfg.depth_norm)
     empty = bundle.encode_prompt([""]).float().to(env.device)  # (1, 77, width), the only text
 
     def batches(position):
@@ -336,7 +364,7 @@ def task(cfg, bundle, env):
 
     def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
         sample_grid(bundle, unet, objective, x1[:4].to(env.device), cond[:4].to(env.device), empty, path, env.amp)
-    return TaskData(len(ds), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4))
+    return TaskData(len(ds), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm))
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -61,6 +61,11 @@ PRESETS: dict[str, LoRAConfig] = {
     # non-linear transformer) brings it within 2.1%.
     "base": LoRAConfig(rank=0.2, targets=("conv", "proj", "attn1", "attn2")),
     "small": LoRAConfig(rank=64, targets=("conv", "attn1", "attn2", "proj", "ff")),  # 61.5M (paper: 62M)
+    # The official rule on SD2.x exactly (trainer_module.py add_lora_to_unet with c0.2_fullA0.2_FL): every Conv2d
+    # but the first and the out block's + attn1/attn2 q/k/v, rank ceil(0.2 max(in, out)): 207.5M trainable on
+    # SD2.1 (paper: 222M), whose proj_in/out are Linear and stay frozen. On SD1.x the official rule also wraps the
+    # 1x1 proj convs: there it is `base`.
+    "official": LoRAConfig(rank=0.2, targets=("conv", "attn1", "attn2")),
 }
 
 
@@ -92,7 +97,7 @@ class LoRALayer:
         self.weight, self.bias = base.weight, base.bias  # the original Parameters: same keys, no copy
         self.rank, self.merged = rank, False
         self.lora_dropout = nn.Dropout(dropout)
-        self.lora_down, self.lora_up = down, up  # down keeps its default kaiming-uniform init
+        self.lora_down, self.lora_up = down, up  # Linear down: nn.Linear's default init (as the official)
         nn.init.zeros_(up.weight)  # a fresh LoRA is exactly the base layer
         # a buffer, not a float: travels in the state dict and is the kohya ".alpha" key
         self.register_buffer("alpha", torch.tensor(float(alpha or rank), device=base.weight.device))
@@ -134,6 +139,7 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
         kw = dict(bias=False, device=b.weight.device, dtype=b.weight.dtype)
         # down sees the same receptive field and stride as the base conv, up is a 1x1 mix (LoCon style)
         down = nn.Conv2d(b.in_channels, rank, b.kernel_size, b.stride, b.padding, padding_mode=b.padding_mode, **kw)
+        nn.init.kaiming_normal_(down.weight, a=1)  # as the official LoRAConv: std 1/sqrt(fan_in) (default: 0.58/sqrt)
         self._add_lora(b, down, nn.Conv2d(rank, b.out_channels, 1, **kw), rank, alpha, dropout)
 
 

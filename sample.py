@@ -47,6 +47,8 @@ parser.add_argument("--n", type=int, default=1, help="images per prompt")
 parser.add_argument("--batch", type=int, default=4, help="images per UNet batch (x2 with CFG)")
 parser.add_argument("--height", type=int, help="pixels (default: metadata 'resolution', else 512; 768 for SD2 v)")
 parser.add_argument("--width", type=int, help="pixels (default: the native size, as for --height)")
+parser.add_argument("--zero-terminal-snr", action="store_true", help="sample with the schedule rescaled to zero "
+                    "terminal SNR (Lin et al.); not needed for a model trained so: its file records it")
 parser.add_argument("--prediction", choices=["eps", "v"], help="override eps/v for original files that do not say")
 parser.add_argument("--out", default="out", help="output folder; numbering continues after existing files")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -88,7 +90,9 @@ def load_model(args, dtype):
     try:
         bundle = sd.load(ckpt, device=args.device, dtype=dtype, prediction=args.prediction)
         if args.lora:  # merged (W += up @ down): the LoRA then costs nothing per step
-            sd.apply_lora(bundle, args.lora)
+            sd.apply_lora(bundle, args.lora)  # (and a LoRA trained with zero terminal SNR brings it)
+        if args.zero_terminal_snr:
+            bundle.alphas_cumprod = diff2flow.rescale_zero_terminal_snr(bundle.alphas_cumprod)
     except (sd.LoadError, OSError, KeyError, ValueError) as e:
         fail(str(e).strip("'\""))
     return bundle

@@ -25,6 +25,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import clip_text
+import diff2flow
 import diffusers_format
 import lora
 import unet as unet_mod
@@ -345,7 +346,7 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
         path = _component_folder(os.path.dirname(path))
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
         path = _component_folder(path) if os.path.exists(os.path.join(path, "config.json")) else _single_file_in(path)
-    sd = _load_resolved(path, dtype, prediction, objective)
+    sd = follow_schedule(_load_resolved(path, dtype, prediction, objective), None)
     if lora_file:
         apply_lora(sd, lora_file)
     if dtype == torch.float16 and sd.version == "sd2":  # SD2's attention logits overflow fp16 (black images)
@@ -355,6 +356,14 @@ def load(path, device="cpu", dtype=torch.float32, prediction=None, objective=Non
                 m.upcast = True
     for m in (sd.unet, sd.vae, sd.text_encoder):
         m.to(device)
+    return sd
+
+
+def follow_schedule(sd, meta=None):
+    """Zero terminal SNR where the metadata (default: the bundle's) says the UNet was trained with it (train.py
+    --zero-terminal-snr records it): a LoRA's or UNet-only file's base brings SD's schedule. Idempotent."""
+    if (sd.meta if meta is None else meta).get("zero_terminal_snr") == "True":
+        sd.alphas_cumprod = diff2flow.rescale_zero_terminal_snr(sd.alphas_cumprod)
     return sd
 
 
@@ -418,7 +427,7 @@ def apply_lora(sd, path):
     if "lora_config" in safetensors_metadata(path):
         lora.load_lora(sd.unet, path)
         lora.merge_lora(sd.unet)  # W += up @ down: the LoRA then costs nothing per step
-        return sd
+        return follow_schedule(sd, safetensors_metadata(path))  # trained with zero terminal SNR?
     tensors, _ = read_safetensors(path)
     if not lora.is_kohya(tensors):
         raise LoadError(f"{path}: not a LoRA (neither lora.save_lora's metadata nor kohya's lora_unet_/lora_te_ keys); "

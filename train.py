@@ -36,12 +36,18 @@ import lora
 import reflow
 import sd
 from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, RunLog, dataclass_parser, fail,
-                    load_checkpoint_file, one_line_warnings, return_freed_memory, rng_state,
-                    save_checkpoint_file, seed_all, set_rng_state, stop_signals, usage_error)
+                    given_options, load_checkpoint_file, load_settings, one_line_warnings, resolve_settings,
+                    return_freed_memory, rng_state, save_checkpoint_file, seed_all, set_rng_state, stop_signals,
+                    usage_error)
 
 DEMO_PRIOR = os.path.join(data.ROOT, "assets", "demo", "prior_tiny.safetensors")
 LOSSES = diff2flow.LOSSES  # objective name (as recorded in the checkpoint) -> its loss
 TASKS = {"t2i": data.t2i_task, "reflow": reflow.task, "depth": depth.task}  # (cfg, bundle, env) -> data.TaskData
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+SETTINGS = os.path.join(data.ROOT, "recipes")  # --preset: presets.toml (ckpt: in the repository), --recipe: paper.toml
+PRESETS = {n: {k: os.path.join(data.ROOT, v) if k == "ckpt" else v for k, v in p.items()}
+           for n, p in load_settings(os.path.join(SETTINGS, "presets.toml")).items()}
+RECIPES = load_settings(os.path.join(SETTINGS, "paper.toml"))  # the paper's runs, values with sources (README)
 
 
 def arg(default, help, **kw):
@@ -52,6 +58,7 @@ def arg(default, help, **kw):
 class TrainConfig:  # None: the preset's value
     task: str = arg("t2i", "text-to-image, reflow (reflow.py) or image-to-depth (depth.py)", choices=list(TASKS))
     preset: str = arg(None, "named settings for every option not given (end of --help)")
+    recipe: str = arg(None, "a paper run (README 'Paper recipes'): values for every option not given", choices=list(RECIPES))
     ckpt: str = arg(None, "model to fine-tune (reflow: the teacher): anything sd.load takes")
     data: str = arg(None, "t2i: images + .txt captions or a metadata.jsonl; depth: rgb/ + depth/ (depth.py)")
     out: str = arg(None, "output folder")
@@ -69,9 +76,12 @@ class TrainConfig:  # None: the preset's value
     grad_accum: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(None, "peak learning rate (the preset's lora_lr with --lora)")
     warmup: int = arg(None, "linear learning-rate warmup steps, then constant")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
+    optimizer: str = arg("adamw", "adamw, or adam (the official code's; its weight decay is L2)", choices=list(OPTIMIZERS))
+    weight_decay: float = arg(0.01, "weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
-    ema: float = arg(None, "EMA decay of the weights sampled and saved (0 = off), warmed up as (1 + n) / (10 + n)")
+    ema: float = arg(None, "EMA decay of the weights sampled and saved (0 = off), warmed up as --ema-warmup says")
+    ema_warmup: str = arg("ours", "(1+n)/(10+n) or official: copy 1000 steps, then 1-(1+n)^-3/4", choices=["ours", "official"])
+    zero_terminal_snr: bool = arg(False, "zero terminal SNR schedule (Lin et al.), recorded: sampling follows it")
     caption_dropout: float = arg(None, "fraction of captions replaced by the empty prompt (trains CFG)")
     steps: int = arg(None, "optimizer steps in total (raise it with --resume to train on)")
     pairs: str = arg("", "reflow: folder of the teacher's pairs, made or completed first (default: OUT/pairs)")
@@ -93,45 +103,32 @@ class TrainConfig:  # None: the preset's value
     threads: int = arg(0, "torch CPU threads (0: 1 on CPU, fastest for small models on a busy machine)")
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "cuda or cpu (torchrun: cuda:LOCAL_RANK)")
     resume: bool = arg(False, "continue from --out/ckpt.pt (weights, optimizer, EMA, step, RNG, data position)")
+    depth_norm: str = arg("ours", "depth targets' log-depth normalisation (depth.normalize_depth)", choices=list(depth.NORMS))
+    print_config: bool = arg(False, "print the resolved settings as JSON and exit (loads nothing)")
 
 
-_SD = dict(out="runs/t2i", resolution=512, batch_size=4, lr=1e-5, lora_lr=1e-4, warmup=100, ema=0.9999,
-           steps=1000, caption_dropout=0.1, lora="", save_every=500, sample_every=500, cache=False, workers=2)
-_DEMO = dict(_SD, ckpt=DEMO_PRIOR, resolution=None, batch_size=64, lr=2e-4, lora_lr=1e-3, warmup=50, ema=0.999,
-             steps=600, save_every=200, sample_every=200, cache=True, workers=0)
-PRESETS = {  # --preset NAME: the value of every option left out; the demo ones also name their data
-    "t2i": _SD,
-    "t2i-demo": dict(_DEMO, data="demo:shapes"),  # toy/synth.py images of the prior's size
-    # reflow: fixed pairs, no caption dropout; the tiny UNet gets rank 16 (64 is full rank at its widths 32-64)
-    "reflow": dict(_SD, out="runs/reflow", lora="small", n_pairs=10000, caption_dropout=0.0),
-    "reflow-demo": dict(_DEMO, out="runs/reflow", ckpt=reflow.DEMO_TEACHER, prompts="demo:prompts", lora="16",
-                        n_pairs=4096, caption_dropout=0.0, steps=1000, cache=False),
-    # depth at 64 px: at 32 px the prior VAE's own floor, decode(encode(depth)), is AbsRel 0.127 (64 px: 0.097)
-    "depth": dict(_SD, out="runs/depth", caption_dropout=0.0, cache=False),
-    "depth-demo": dict(_DEMO, out="runs/depth", data="demo:scenes", resolution=64, batch_size=32, caption_dropout=0.0,
-                       cache=False),
-}
 SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
-                  "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed", "pairs", "n_pairs",
-                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile", "lora_full")  # others (--steps) may change
+                  "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "ema", "ema_warmup", "caption_dropout",
+                  "zero_terminal_snr", "depth_norm", "seed", "pairs", "n_pairs", "prompts", "teacher_steps", "teacher_cfg",
+                  "bf16", "compile", "lora_full")  # the rest, e.g. --steps, may change
 
 
 def parse_args(argv=None) -> TrainConfig:
     """Every TrainConfig field is an option; booleans are flags, --x/--no-x where the preset decides."""
-    rows = [f"  {n:12} " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "ckpt") for n, p in PRESETS.items()]
+    rows = [f"  {n:12} " + ", ".join(f"{k}={v!r}" for k, v in p.items() if k not in ("ckpt", "sources"))
+            for n, p in PRESETS.items()]
     epilog = "presets (--preset NAME; flags win; the demo presets' --ckpt is the bundled demo):\n" + "\n".join(rows)
-    return TrainConfig(**vars(dataclass_parser(TrainConfig, __doc__, epilog).parse_args(argv)))
+    parser = dataclass_parser(TrainConfig, __doc__, epilog + "\nrecipes (--recipe NAME): " + ", ".join(RECIPES))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    cfg.given = given_options(parser, argv)  # what the command line sets: it wins over recipes and presets
+    return cfg
 
 
 def check_config(cfg: TrainConfig):
-    """None fields <- the preset (lr by --lora; resolution else from the checkpoint's metadata), then the
-    mistakes we can name before loading anything (exit status 2). Paths become absolute: they are recorded."""
-    cfg.preset = cfg.preset or (cfg.task if cfg.ckpt else f"{cfg.task}-demo")
-    if cfg.preset not in PRESETS:
-        usage_error(f"unknown --preset {cfg.preset!r}: use one of {', '.join(PRESETS)}")
-    p = PRESETS[cfg.preset]
-    vars(cfg).update({k: v for k, v in p.items() if hasattr(cfg, k) and getattr(cfg, k) is None and k != "lr"})
-    cfg.lr = cfg.lr if cfg.lr is not None else p["lora_lr"] if cfg.lora else p["lr"]
+    """Options not given <- the recipe, then the preset (common.resolve_settings; resolution else from the
+    checkpoint's metadata), then the mistakes we can name before loading anything (exit status 2). Paths become
+    absolute: they are recorded."""
+    resolve_settings(cfg, PRESETS, RECIPES, int(os.environ.get("WORLD_SIZE", 1)))  # --print-config exits here
     if not cfg.ckpt:
         usage_error(f"--preset {cfg.preset} needs --ckpt: an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a "
                     "diffusers folder or a cached repo id")
@@ -199,7 +196,8 @@ def save_final(run):
     """final.safetensors (EMA weights): what sample.py loads with no flags (objective, prediction, resolution in
     the metadata). LoRA: only the trained tensors, naming the base (path or repo id), and final_kohya.safetensors."""
     cfg, bundle, path = run.cfg, run.bundle, os.path.join(run.cfg.out, "final.safetensors")
-    extra = dict(resolution=cfg.resolution, train_steps=cfg.steps, task=cfg.task, **run.data.meta)
+    extra = dict(resolution=cfg.resolution, train_steps=cfg.steps, task=cfg.task, **run.data.meta,
+                 zero_terminal_snr=bool(bundle.alphas_cumprod[-1] == 0))  # sd.load rescales a LoRA's base by it
     with run.ema.applied() if run.ema else nullcontext():
         if run.lora_cfg:
             print(lora.save_final(run.unet, path, run.lora_cfg, base=cfg.ckpt, objective=run.objective,
@@ -242,6 +240,8 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
         task = TASKS[cfg.task](cfg, bundle, env)  # it may adapt the UNet (depth widens its first conv)
     except (data.DataError, depth.DepthError) as e:
         fail(str(e))
+    if cfg.zero_terminal_snr:  # after the task: a reflow teacher's pairs keep the teacher's own schedule
+        bundle.alphas_cumprod = diff2flow.rescale_zero_terminal_snr(bundle.alphas_cumprod)
     os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)  # the inputs are good: now the outputs
     if lock:  # held from here (and killed writers' temp files are removed)
         lock.acquire()
@@ -254,7 +254,7 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
     if env.device == "cpu":  # the sample grids run the CPU fast paths (training itself, the plain layers)
         cpu_fast.enable(unet)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.startswith("cuda"))
+    opt = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=env.device.startswith("cuda"))
     if state is not None:
         keys = (lora.lora_state_dict(unet) if lora_cfg else unet.state_dict()).keys()
         lora.load_exact(unet, state["model"], keys, ckpt_path)
@@ -262,7 +262,7 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
     model = torch.compile(unet) if cfg.compile else unet
     if ddp:  # the frozen VAE and text encoder stay outside: DDP would only see unused parameters there
         model = DDP(model, device_ids=[torch.cuda.current_device()] if env.device.startswith("cuda") else None)
-    ema = EMA(params, cfg.ema) if cfg.ema and env.master else None  # after DDP: it has broadcast rank 0's weights
+    ema = EMA(params, cfg.ema, cfg.ema_warmup) if cfg.ema and env.master else None  # after DDP broadcast rank 0's
     if ema and state is not None:
         ema.load_state_dict(state["ema"])
     objective = "fm_dm_direction" if cfg.objective == "fm" and cfg.fm_time == "dm_direction" else cfg.objective

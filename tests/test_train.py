@@ -224,7 +224,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatc
     (["--resolution", "4"], "--resolution must be >= 8, got 4"),
     (["--resolution", "36"], "--resolution 36 must be a multiple of 16 for this model (VAE factor 4 x UNet"),
     (["--resolution", "40"], "--resolution 40 must be a multiple of 16 for this model"),
-    (["--lora", "huge"], "unknown --lora 'huge': use a preset (base, small)"),
+    (["--lora", "huge"], "unknown --lora 'huge': use a preset (base, small, official)"),
     (["--lora", "1.5"], "a rank must be an integer >= 1"),
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--data", "/nonexistent/folder"], "no such folder"),

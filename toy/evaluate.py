@@ -3,6 +3,7 @@ the tiny family's evaluations, each writing its own section of RESULTS.md.
 
     python toy/evaluate.py reproduce              # RESULTS.md + results.png (the budget: <= 60 min on 2 cores)
     python toy/evaluate.py reproduce --quick      # the same pipeline on tiny settings, ~1 min (tests run it)
+    python toy/evaluate.py reproduce --official --checkpoints 100,250 --n-eval 128   # the paper recipes' settings
     python toy/evaluate.py depth --ckpt runs/depth/final.safetensors      # image-to-depth (toy/depth_eval.py)
     python toy/evaluate.py depth --dataset nyuv2 PATH --ckpt ...          # a benchmark (toy/benchmarks.py)
     python toy/evaluate.py reflow --student runs/reflow/final.safetensors  # 2-4 step sampling (toy/reflow_eval.py)
@@ -71,8 +72,13 @@ class Setup:
     cfg: float = 4.0
     classifier_steps: int = 1500
     seed: int = 0
+    settings: str = "ours"  # or "official": the paper recipes' settings that do not depend on scale (recipe_args)
 
 
+# what --official takes from the paper recipes t2i-OBJECTIVE-full/lora (recipes/paper.toml), with their LoRA rule;
+# lr, batch, steps and resolution stay the toy's (they depend on the scale)
+NON_SCALE = ("optimizer", "weight_decay", "grad_clip", "warmup", "ema", "ema_warmup", "caption_dropout",
+             "zero_terminal_snr")
 QUICK = dict(out="runs/reproduce-quick", n_train=16, checkpoints=(1, 2), batch_size=4, n_eval=8, n_val=8,
              sample_steps=(1, 2), classifier_steps=20)
 
@@ -130,12 +136,23 @@ def floors(bundle, data, classifier, setup):
 # ---------------------------------------------------------------------------------- runs
 
 
+def recipe_args(objective, lora):
+    """train.py flags for the NON_SCALE values (and the LoRA rule) of the paper recipe of objective x full/LoRA."""
+    r, out = train.RECIPES[f"t2i-{objective}-{'lora' if lora else 'full'}"], []
+    for k in NON_SCALE:
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if r[k] else []) if isinstance(r[k], bool) else [flag, str(r[k])]
+    # the official LoRA rule wraps 1x1 proj convs as convs: on the tiny UNet (SD1 layout) that is `base`
+    return out + (["--lora", {"official": "base"}.get(r["lora"], r["lora"])] if lora else [])
+
+
 def run_args(setup, objective, lora, out, data):
+    official = recipe_args(objective, lora) if setup.settings == "official" else []  # given last: they win
     return ["--ckpt", setup.prior, "--data", data, "--out", out, "--objective", objective,
             "--resolution", str(setup.resolution), "--batch-size", str(setup.batch_size),
             "--lr", str(setup.lr_lora if lora else setup.lr_full), "--warmup", "20", "--ema", "0.999",
             "--cache", "--workers", "0", "--sample-every", "0", "--save-every", "0", "--seed", str(setup.seed),
-            *(["--lora", setup.lora] if lora else [])]
+            *(["--lora", setup.lora] if lora else []), *official]
 
 
 def fine_tune(setup, objective, lora, data_dir, data, classifier):
@@ -189,8 +206,9 @@ def reproduce(setup, report_only=False):
             res["ddim"][name] = measure(bundle, "diffusion", data, classifier, setup, sampler="ddim")
     save_json(res, os.path.join(setup.out, "results.json"))
     res = json.loads(json.dumps(res))  # one key type (str) whether measured now or read back
-    plot(res, os.path.join(setup.results, "results.png"))
-    metrics.update_results(os.path.join(setup.results, "RESULTS.md"), "finetune", report(res))
+    suffix = "" if setup.settings == "ours" else "-" + setup.settings  # its own section and plot
+    plot(res, os.path.join(setup.results, f"results{suffix}.png"))
+    metrics.update_results(os.path.join(setup.results, "RESULTS.md"), "finetune" + suffix, report(res))
     return res
 
 
@@ -287,7 +305,11 @@ def report(res):
     steps = [k for k in res["zero_shot"]["DDIM"]["samples"]]
     ckpts = [str(c) for c in s["checkpoints"]]
     fl = res["floors"]
-    md = ["## Diff2Flow fine-tuning claims at toy scale\n",
+    official = s.get("settings", "ours") == "official"
+    md = ["## Diff2Flow fine-tuning claims at toy scale" + (", the paper recipes' settings" if official else "") + "\n",
+          (f"With the official non-scale settings of the paper recipes t2i-*-full/lora (`--official`: "
+           f"{' '.join(recipe_args('diff2flow', True))}; no zero terminal SNR for diffusion and naive FM), "
+           f"{len(s['checkpoints'])} checkpoints, {s['n_eval']} evaluation images. " if official else "") +
           f"Written by `python toy/evaluate.py reproduce` in {res['minutes']:.0f} min (CPU). The tiny prior "
           f"(`{os.path.relpath(s['prior'], ROOT)}`, v-prediction diffusion trained at 32 px) fine-tuned to "
           f"{s['resolution']} px on {s['n_train']} synthetic images, {s['checkpoints'][-1]} steps of batch "
@@ -318,8 +340,9 @@ def report(res):
         start = res["zero_shot"]["naive FM reading" if name.startswith("fm-") else "diff2flow (Euler)"]["fm_loss"]
         md.append(f"| {name} | {start:.3f} | " + " | ".join(f"{run['curve'][c]['fm_loss']:.3f}" for c in
                                                              run["curve"]) + f" | {run['minutes']:.1f} |")
-    md.append("\nPlot: `results.png` (left: FD vs sampling steps after fine-tuning; right: FM validation loss "
-              "along fine-tuning). Raw numbers: `runs/reproduce/results.json`.\n")
+    png = "results.png" if not official else "results-official.png"
+    md.append(f"\nPlot: `{png}` (left: FD vs sampling steps after fine-tuning; right: FM validation loss "
+              f"along fine-tuning). Raw numbers: `{s.get('out', 'runs/reproduce')}/results.json`.\n")
     return "\n".join(md)
 
 
@@ -388,13 +411,22 @@ def add_reproduce(sub):
     p.add_argument("--out", help="work folder (default: runs/reproduce, or runs/reproduce-quick)")
     p.add_argument("--results", help="folder for RESULTS.md and results.png (default: the repository root; "
                    "--quick: the work folder)")
+    p.add_argument("--official", action="store_true", help="the paper recipes' non-scale settings (optimizer, EMA, "
+                   "caption dropout, zero terminal SNR, LoRA rule): RESULTS.md section 'finetune-official'")
+    p.add_argument("--checkpoints", help="comma-separated training steps to measure at, the last is the end "
+                   "(default: 100,250,500)")
+    p.add_argument("--n-eval", type=int, help="generated and real images per FD number (and validation latents) "
+                   "(default: 256)")
     p.add_argument("--report", action="store_true", help="no training: re-write RESULTS.md and results.png from "
                    "OUT/results.json, measuring only what it lacks")
     p.set_defaults(run=run_reproduce)
 
 
 def run_reproduce(a):
-    setup = Setup(prior=os.path.abspath(a.prior), **(QUICK if a.quick else {}))
+    setup = Setup(prior=os.path.abspath(a.prior), **(QUICK if a.quick else {}),
+                  **({"settings": "official"} if a.official else {}),
+                  **({"checkpoints": tuple(int(c) for c in a.checkpoints.split(","))} if a.checkpoints else {}),
+                  **({"n_eval": a.n_eval, "n_val": a.n_eval} if a.n_eval else {}))
     setup.out = a.out or setup.out
     setup.results = a.results or (setup.out if a.quick else setup.results)
     res = reproduce(setup, a.report)
