@@ -5,9 +5,12 @@ Two layouts, as in the Hugging Face `imagefolder` convention:
     data/cat.png + data/cat.txt           a caption file beside each image (same name, .txt)
     data/metadata.jsonl                   one {"file_name": "cat.png", "text": "a cat"} per line
 
-Every image is converted to RGB (transparency onto white), its shorter side resized to `resolution`
-and center-cropped to a square, then scaled to [-1, 1] as the VAE expects.
+Every image is converted to RGB (transparency onto white), resized (aspect kept) to cover --resolution (a
+side: a square, or HxW such as the paper's 384x512) and cropped to it (the centre, or --crop random), mirrored
+left-right with --random-flip, then scaled to [-1, 1] as the VAE expects. Several sources (depth) are mixed
+with --data-weights, the source of each stream position drawn from (seed, position) alone (mixture_batches).
 """
+import argparse
 import functools
 import itertools
 import json
@@ -88,20 +91,55 @@ def read_metadata_jsonl(path):
 def _unreadable(path, resolution):
     """Why an image cannot be used, or None. It decodes the pixels: headers alone miss truncated files."""
     try:
-        open_rgb(path, (resolution, resolution))
+        open_rgb(path, parse_resolution(resolution, 0)[::-1])
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...)
         return f"{type(e).__name__}: {e}"
     return None
 
 
-def load_image(path, resolution):
-    """File -> (3, resolution, resolution) float32 in [-1, 1]: RGB, shorter side resized, center crop."""
-    im = open_rgb(path, (resolution, resolution))
-    scale = resolution / min(im.size)
-    w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
+def parse_resolution(spec, low=8):
+    """--resolution: 512 (a square) or HxW, height first as the paper writes 384x512 -> (H, W) ints; else a
+    ValueError saying what to write."""
+    if isinstance(spec, (tuple, list)):
+        h, w = map(int, spec)
+    else:
+        parts = str(spec).strip().lower().split("x")
+        if not 1 <= len(parts) <= 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"--resolution {spec}: give one side in pixels (512) or HEIGHTxWIDTH (384x512)")
+        h, w = int(parts[0]), int(parts[-1])
+    if min(h, w) < low:
+        raise ValueError(f"--resolution must be >= {low}, got {spec}")
+    return h, w
+
+
+def resolution_value(hw):
+    """(H, W) -> what train.py records as --resolution: an int when square (as before: old checkpoints and
+    metadata read the same), else "HxW"."""
+    h, w = parse_resolution(hw)
+    return h if h == w else f"{h}x{w}"
+
+
+def crop_box(w, h, out_w, out_h, crop=None):
+    """Left, top of an out_w x out_h window in a w x h image: the centre, or where crop = (fy, fx), uniforms in
+    [0, 1), puts it (each offset uniform over the possible ones: random crops)."""
+    if crop is None:
+        return (w - out_w) // 2, (h - out_h) // 2
+    fy, fx = crop
+    return min(w - out_w, int(fx * (w - out_w + 1))), min(h - out_h, int(fy * (h - out_h + 1)))
+
+
+def load_image(path, resolution, crop=None, flip=False):
+    """File -> (3, H, W) float32 in [-1, 1]: RGB, resized (aspect kept) to cover H x W = resolution (an int: a
+    square), then cropped to H x W (crop_box: centre unless `crop`), mirrored left-right if `flip`."""
+    H, W = parse_resolution(resolution)
+    im = open_rgb(path, (W, H))
+    scale = max(H / im.height, W / im.width)
+    w, h = max(W, round(im.width * scale)), max(H, round(im.height * scale))
     im = im.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
+    left, top = crop_box(w, h, W, H, crop)
+    im = im.crop((left, top, left + W, top + H))
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if im.mode == "F":  # 16-bit grey: keep its precision
         return torch.from_numpy(rgb_array(im)).permute(2, 0, 1).float() * 2 - 1
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
@@ -113,7 +151,7 @@ class FolderDataset(torch.utils.data.Dataset):
     naming them; if half or more are unreadable the data is wrong, not noisy, and it is an error."""
 
     def __init__(self, path, resolution):
-        if resolution < 1:  # what the model needs (a multiple of its downsampling) train.py checks
+        if min(parse_resolution(resolution, 0)) < 1:  # what the model needs (its multiple) train.py checks
             raise DataError(f"resolution {resolution} must be >= 1")
         path = os.fspath(path)
         if path.endswith(".jsonl") and os.path.isfile(path):
@@ -139,9 +177,10 @@ class FolderDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, crop, flip = key if isinstance(key, tuple) else (key, None, False)  # augment_keys' (item, crop, flip)
         try:
-            return load_image(self.files[i], self.resolution), self.captions[i]
+            return load_image(self.files[i], self.resolution, crop, flip), self.captions[i]
         except Exception as e:  # it decoded when checked: the file changed since
             raise DataError(f"{self.files[i]}: cannot decode ({type(e).__name__}: {e}); "
                             "replace or remove it, then --resume") from None
@@ -173,6 +212,109 @@ def batch_indices(cfg, n, position, rank, world):
         for m in range(cfg.grad_accum):
             start = (m * world + rank) * cfg.batch_size
             yield idx[start:start + cfg.batch_size]
+
+
+def batch_positions(cfg, position, rank, world):
+    """The stream positions of this process's micro-batches, in batch_indices' layout (ranges of batch_size)."""
+    G = cfg.batch_size * cfg.grad_accum * world
+    for pos in itertools.count(position, G):
+        for m in range(cfg.grad_accum):
+            start = pos + (m * world + rank) * cfg.batch_size
+            yield range(start, start + cfg.batch_size)
+
+
+BLOCK = 4096  # stream positions per block of position_uniforms
+MIX, AUGMENT = 1, 2  # position_uniforms' salts: a mixture's source draws, augmentation draws
+
+
+def position_uniforms(seed, salt, start, count, k=1):
+    """(count, k) uniforms in [0, 1) for stream positions start .. start+count-1. Row p is a function of (seed,
+    salt, p) only (block p // BLOCK of a generator seeded with (seed, salt, block)): what a resumed run, or one
+    on another number of processes, draws for a position is what an uninterrupted one drew."""
+    out, p, end = [np.zeros((0, k))], start, start + count
+    while p < end:
+        block, offset = divmod(p, BLOCK)
+        take = min(BLOCK - offset, end - p)
+        out.append(np.random.default_rng([seed, salt, block]).random((BLOCK, k))[offset:offset + take])
+        p += take
+    return np.concatenate(out)
+
+
+def augment_keys(cfg, items, positions):
+    """A micro-batch's items -> (item, crop, flip) keys for the datasets: a crop placement (--crop random; None:
+    the centre) and a left-right mirror (--random-flip, probability 1/2), drawn per stream position."""
+    u = position_uniforms(cfg.seed, AUGMENT, positions.start, len(positions), 3)
+    return [(i, (a, b) if cfg.crop == "random" else None, bool(cfg.random_flip and c < 0.5))
+            for i, (a, b, c) in zip(items, u.tolist())]
+
+
+def mixture_batches(cfg, sizes, weights, position, rank, world):
+    """Several sources mixed by `weights`: this process's micro-batches as lists of (source, item) from stream
+    position `position` on, in batch_indices' layout. Position p's source is drawn from position_uniforms
+    (seed and p only); source s is read along its own endless stream of shuffled epochs (stream_indices with
+    seed (seed, s)), at the count of its earlier draws, recounted from the draws alone when resuming."""
+    cum = np.cumsum(weights) / sum(weights)
+    pick = lambda start, count: np.minimum(np.searchsorted(
+        cum, position_uniforms(cfg.seed, MIX, start, count)[:, 0], side="right"), len(sizes) - 1)
+    counts = np.zeros(len(sizes), np.int64)
+    for start in range(0, position, BLOCK):
+        counts += np.bincount(pick(start, min(BLOCK, position - start)), minlength=len(sizes))
+    seeds = [int(np.random.SeedSequence([cfg.seed, s]).generate_state(1)[0]) for s in range(len(sizes))]
+    G = cfg.batch_size * cfg.grad_accum * world
+    for pos in itertools.count(position, G):
+        src, items = pick(pos, G), np.zeros(G, np.int64)
+        for s in range(len(sizes)):
+            where = np.flatnonzero(src == s)
+            items[where] = stream_indices(sizes[s], seeds[s], int(counts[s]), len(where))
+            counts[s] += len(where)
+        for m in range(cfg.grad_accum):
+            start = (m * world + rank) * cfg.batch_size
+            yield list(zip(src[start:start + cfg.batch_size].tolist(), items[start:start + cfg.batch_size].tolist()))
+
+
+def parse_weights(text, n):
+    """--data-weights "0.9,0.1" -> n floats >= 0 with a positive sum; empty: None (the sources' sizes)."""
+    if not text:
+        return None
+    try:
+        w = [float(x) for x in str(text).split(",")]
+    except ValueError:
+        w = []
+    if len(w) != n or min(w) < 0 or not 0 < sum(w) < float("inf"):
+        raise ValueError(f"--data-weights {text}: give {n} non-negative numbers separated by commas, one per "
+                         f"--data (e.g. {','.join(['1'] * n)})")
+    return w
+
+
+class Sources(argparse.Action):
+    """--data once: that path (as ever); --data again: the list of sources, mixed by --data-weights."""
+
+    def __call__(self, parser, namespace, value, option=None):
+        old = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, value if old is None else [*([old] if isinstance(old, str) else old), value])
+
+
+def check_options(cfg, meta):
+    """train.py's data options made canonical before anything is loaded (a ValueError: a usage error):
+    --resolution (an int, or "HxW" when not square), several --data (depth only) and their --data-weights,
+    augmentation without --cache; the demo data's paths (their make() returned) and absolute paths (recorded)."""
+    cfg.resolution = resolution_value(parse_resolution(cfg.resolution or meta.get("resolution", 512)))
+    if isinstance(cfg.data, list) and cfg.task != "depth":  # as for any option given twice, the last one wins
+        warnings.warn(f"--data given {len(cfg.data)} times: --task {cfg.task} reads one source, the last "
+                      "(mixing sources is --task depth's)")
+        cfg.data = cfg.data[-1]
+    many = isinstance(cfg.data, list)
+    sources = cfg.data if many else [cfg.data]
+    parse_weights(cfg.data_weights, len(sources))
+    if cfg.data_weights and not many:
+        raise ValueError("--data-weights mixes several --data; give --data once per source")
+    if cfg.cache and (cfg.random_flip or cfg.crop == "random"):
+        raise ValueError("--random-flip and --crop random change the pixels of each draw: use them with --no-cache")
+    made = [demo(s, max(parse_resolution(cfg.resolution))) for s in sources] + [demo(cfg.prompts, 0)]
+    absolute = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # else a repo id
+    paths = [absolute(p) for p, _ in made]
+    cfg.data, cfg.prompts = paths[:-1] if many else paths[0], paths[-1]
+    return [m for _, m in made if m]
 
 
 # ----------------------------------------------------------------------------- the interface of tasks
@@ -233,6 +375,12 @@ def sample_grid(bundle, unet, objective, context, uncond, noise, path, amp, step
         Image.fromarray(grid.numpy()).save(tmp)
 
 
+def latent_shape(bundle, resolution):
+    """(C, H/f, W/f): the latent of an image of --resolution (an int side, or "HxW")."""
+    f, (H, W) = bundle.vae.downsample, parse_resolution(resolution)
+    return bundle.vae.cfg.embed_dim, H // f, W // f
+
+
 def text_grid(cfg, bundle, env, prompts, steps=25, scale=7.5):
     """A text-to-image task's grid: the prompts (--sample-prompts, else `prompts`), noise from --seed.
     Returns (the prompts, grid(unet, objective, path))."""
@@ -240,8 +388,7 @@ def text_grid(cfg, bundle, env, prompts, steps=25, scale=7.5):
         prompts = [line.strip() for line in read_text(cfg.sample_prompts).splitlines() if line.strip()]
         if not prompts:
             raise DataError(f"--sample-prompts {cfg.sample_prompts}: no prompts in it (one per line)")
-    f = bundle.vae.downsample
-    shape = (bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f)
+    shape = latent_shape(bundle, cfg.resolution)
     noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(cfg.seed)).to(env.device)
     context, empty = bundle.encode_prompt(prompts).float(), bundle.encode_prompt([""]).float()
     return prompts, lambda unet, objective, path: sample_grid(bundle, unet, objective, context, empty, noise, path,
@@ -320,6 +467,9 @@ def t2i_task(cfg, bundle, env):
             for idx in map(torch.tensor, indices):
                 yield {"x1": cache[0][idx].to(env.device), "context": cache[1][idx].to(env.device)}
             return
+        if cfg.random_flip or cfg.crop == "random":  # (item, crop, flip) keys, drawn per stream position
+            indices = map(functools.partial(augment_keys, cfg), indices,
+                          batch_positions(cfg, position, env.rank, env.world))
         # generator=: the loader must not draw from the global RNG, whose state --resume restores
         loader = torch.utils.data.DataLoader(ds, batch_sampler=indices, num_workers=cfg.workers,
                                              generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))

@@ -53,7 +53,9 @@ class TrainConfig:  # None: the preset's value
     task: str = arg("t2i", "text-to-image, reflow (reflow.py) or image-to-depth (depth.py)", choices=list(TASKS))
     preset: str = arg(None, "named settings for every option not given (end of --help)")
     ckpt: str = arg(None, "model to fine-tune (reflow: the teacher): anything sd.load takes")
-    data: str = arg(None, "t2i: images + .txt captions or a metadata.jsonl; depth: rgb/ + depth/ (depth.py)")
+    data: str = arg(None, "t2i: images + .txt captions or a metadata.jsonl; depth: rgb/ + depth/ (depth.py), "
+                    "several mixed: --data A --data B", action=data.Sources)
+    data_weights: str = arg("", "depth: the sources' weights, e.g. 0.9,0.1 (default: their sizes)")
     out: str = arg(None, "output folder")
     objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
     fm_time: str = arg("fm", "--objective fm: the UNet's time is t_FM (official) or (1 - t_FM)(T - 1)",
@@ -62,7 +64,9 @@ class TrainConfig:  # None: the preset's value
     prediction: str = arg(None, "eps or v: override the guess for an SD2 file whose name does not say",
                           choices=["eps", "v"])
     lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a width fraction (0.2); '' = full fine-tuning")
-    resolution: int = arg(None, "image side in pixels: shorter side resized, centre crop (else: the checkpoint's)")
+    resolution: str = arg(None, "pixels: a side (512) or HxW (384x512); resized to cover, cropped (else: the ckpt's)")
+    crop: str = arg("center", "where the crop to --resolution is taken", choices=["center", "random"])
+    random_flip: bool = arg(False, "mirror half the images left-right (depth: with their depth maps)")
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes")
     grad_accum: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(None, "peak learning rate (the preset's lora_lr with --lora)")
@@ -82,7 +86,7 @@ class TrainConfig:  # None: the preset's value
     keep: int = arg(2, "checkpoints kept, as ckpt-STEP.pt (ckpt.pt: a link to the newest)")
     sample_every: int = arg(None, "write a sample grid every N steps (0 = never)")
     sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
-    cache: bool = arg(None, "t2i: encode every image and caption once (--out/cache.pt), then run only the UNet")
+    cache: bool = arg(None, "encode every image (depth map) and caption once (t2i: --out/cache.pt), then only the UNet")
     bf16: bool = arg(None, "bf16 autocast, fp32 master weights (default: on for CUDA)")
     compile: bool = arg(False, "torch.compile the UNet")
     grad_checkpointing: bool = arg(False, "recompute UNet activations in backward: less memory, ~30-40%% slower")
@@ -105,12 +109,12 @@ PRESETS = {  # --preset NAME: the value of every option left out; the demo ones 
                         n_pairs=4096, caption_dropout=0.0, steps=1000, cache=False),
     # depth at 64 px: at 32 px the prior VAE's own floor, decode(encode(depth)), is AbsRel 0.127 (64 px: 0.097)
     "depth": dict(_SD, out="runs/depth", caption_dropout=0.0, cache=False),
-    "depth-demo": dict(_DEMO, out="runs/depth", data="demo:scenes", resolution=64, batch_size=32, caption_dropout=0.0,
-                       cache=False),
+    "depth-demo": dict(_DEMO, out="runs/depth", data="demo:scenes", resolution=64, batch_size=32, caption_dropout=0.0),
 }
-SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
-                  "lr", "warmup", "weight_decay", "grad_clip", "ema", "caption_dropout", "seed", "pairs", "n_pairs",
-                  "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile")  # the rest, e.g. --steps, may change
+SAME_ON_RESUME = ("task", "ckpt", "data", "data_weights", "objective", "fm_time", "t_sampling", "prediction", "lora",
+                  "resolution", "crop", "random_flip", "lr", "warmup", "weight_decay", "grad_clip", "ema",
+                  "caption_dropout", "seed", "pairs", "n_pairs", "prompts", "teacher_steps", "teacher_cfg", "bf16",
+                  "compile")  # the rest, e.g. --steps, may change
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -136,10 +140,9 @@ def check_config(cfg: TrainConfig):
         fail(f"no --ckpt given and the demo model {os.path.relpath(cfg.ckpt)} is missing; pass --ckpt with an SD "
              "1.x/2.x checkpoint (or make the demo: toy/make_demo.sh)")
     meta = sd.safetensors_metadata(cfg.ckpt) if os.path.isfile(cfg.ckpt) and cfg.ckpt.endswith(".safetensors") else {}
-    cfg.resolution = cfg.resolution or int(meta.get("resolution", 512))
     cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else torch.get_num_threads())
     for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("save_every", 0),
-                      ("sample_every", 0), ("workers", 0), ("resolution", 8), ("keep", 1)):
+                      ("sample_every", 0), ("workers", 0), ("keep", 1)):
         if getattr(cfg, name) < low:
             usage_error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or not 0 < cfg.lr < 1e30:
@@ -153,15 +156,12 @@ def check_config(cfg: TrainConfig):
         usage_error("--data is required: " + ("a pair folder, rgb/ + depth/ (depth.py)" if cfg.task == "depth"
                                               else "a folder of images with .txt captions, or a metadata.jsonl"))
     cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
-    (cfg.data, make_data), (cfg.prompts, make_prompts) = data.demo(cfg.data, cfg.resolution), data.demo(cfg.prompts, 0)
-    absolute = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # else a repo id
-    cfg.ckpt, cfg.data, cfg.prompts = absolute(cfg.ckpt), absolute(cfg.data), absolute(cfg.prompts)
+    cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a repo id
     cfg.pairs = os.path.abspath(cfg.pairs or os.path.join(cfg.out, "pairs")) if cfg.task == "reflow" else cfg.pairs
-    try:
-        lora_cfg = lora.parse_spec(cfg.lora) if cfg.lora else None
+    try:  # the data options (data.check_options: resolution, sources, augmentation; the demo's data)
+        return (lora.parse_spec(cfg.lora) if cfg.lora else None), data.check_options(cfg, meta)
     except ValueError as e:
         usage_error(str(e))
-    return lora_cfg, [m for m in (make_data, make_prompts) if m]
 
 
 def load_resume(cfg, path, world):
@@ -220,7 +220,7 @@ def load_model(cfg, env):
     except sd.LoadError as e:
         fail(str(e))
     f, need = bundle.vae.downsample, depth.size_multiple(bundle)  # the VAE's factor x the UNet's downsamplings
-    if cfg.resolution % need:
+    if any(side % need for side in data.parse_resolution(cfg.resolution)):
         usage_error(f"--resolution {cfg.resolution} must be a multiple of {need} for this model "
                     f"(VAE factor {f} x UNet downsampling {need // f})")
     if any(isinstance(m, lora.LoRALayer) for m in bundle.unet.modules()):
@@ -278,8 +278,7 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
 def train_step(run, step, batches, empty):
     """Optimizer step step + 1: grad_accum micro-steps, the gradients all-reduced once. Returns loss, grad norm."""
     cfg, env, W, bundle = run.cfg, run.env, run.env.world, run.bundle
-    abar, f = bundle.alphas_cumprod.to(env.device), bundle.vae.downsample
-    shape = (bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f)
+    abar, shape = bundle.alphas_cumprod.to(env.device), data.latent_shape(bundle, cfg.resolution)
     noise, t, drop = data.draw(cfg, run.objective, step, run.G, shape, len(abar), env.device)
     loss_sum = torch.zeros((), device=env.device)
     for m in range(cfg.grad_accum):
