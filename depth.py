@@ -44,8 +44,10 @@ Marigold's affine-invariant depth, is reported beside it: depth_abs_rel, depth_d
 clipped to [min, max]; then AbsRel, delta1..3 and RMSE per image, averaged over images.
 """
 import argparse
+import functools
 import os
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -59,7 +61,8 @@ import diff2flow
 import sd
 from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, remove_stale_temps,
                     rgb_array, usage_error)
-from data import TaskData, batch_indices
+from data import (TaskData, augment_keys, batch_indices, batch_positions, crop_box, mixture_batches, parse_resolution,
+                  parse_weights)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
@@ -174,7 +177,7 @@ def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None)
     H, W = image.shape[1:]
     vae, unet = bundle.vae, bundle.unet
     device = next(unet.parameters()).device
-    res = res or int(bundle.meta.get("resolution", 64))
+    res = res or max(parse_resolution(bundle.meta.get("resolution", 64)))  # the longer side
     h, w = processing_size(H, W, res, size_multiple(bundle))
     x = F.interpolate(image[None].float(), (h, w), mode="bilinear", antialias=True, align_corners=False)
     cond = vae.encode(x.to(device, next(vae.parameters()).dtype)).float()  # (1, 4, h/f, w/f)
@@ -279,7 +282,9 @@ class PairDataset:
         rgb_path, depth_path = self.items[i]
         image, depth = read_image(rgb_path), read_depth(depth_path)
         if image.shape[1:] != depth.shape:
-            raise DepthError(f"{rgb_path}: image {tuple(image.shape[1:])} and depth {tuple(depth.shape)} differ in size")
+            h, w = image.shape[1:]
+            raise DepthError(f"{rgb_path}: the image is {h}x{w} but its depth {depth_path} is {depth.shape[0]}x"
+                             f"{depth.shape[1]} (HxW); write the depth map at the image's size (or resize both)")
         valid = depth > 0
         mask = os.path.join(self.root, "mask", os.path.splitext(os.path.basename(rgb_path))[0] + ".png")
         if os.path.isfile(mask):
@@ -288,54 +293,122 @@ class PairDataset:
         return image, depth, valid
 
 
+def fit(x, size, mode, crop=None, flip=False):
+    """(C, H, W) -> (C, h, w), size = (h, w): resized (aspect kept) to cover it, cropped (data.crop_box: the
+    centre, or where `crop` puts it), mirrored left-right if `flip`; nearest for depth and masks (no blends)."""
+    (H, W), (h, w) = x.shape[1:], size
+    s = max(h / H, w / W)
+    rh, rw = max(h, round(H * s)), max(w, round(W * s))
+    kw = dict(mode="bilinear", antialias=True, align_corners=False) if mode == "bilinear" else dict(mode="nearest")
+    y = F.interpolate(x[None].float(), (rh, rw), **kw)[0]
+    left, top = crop_box(rw, rh, w, h, crop)
+    y = y[:, top:top + h, left:left + w]
+    return y.flip(-1) if flip else y
+
+
 def square(x, resolution, mode):
     """(C, H, W) -> (C, R, R): shorter side resized to R, centre crop (nearest for depth and masks)."""
-    H, W = x.shape[1:]
-    s = resolution / min(H, W)
-    h, w = max(resolution, round(H * s)), max(resolution, round(W * s))
-    kw = dict(mode="bilinear", antialias=True, align_corners=False) if mode == "bilinear" else dict(mode="nearest")
-    y = F.interpolate(x[None].float(), (h, w), **kw)[0]
-    top, left = (h - resolution) // 2, (w - resolution) // 2
-    return y[:, top:top + resolution, left:left + resolution]
+    return fit(x, (resolution, resolution), mode)
+
+
+class TrainItems(torch.utils.data.Dataset):
+    """The training items of one or several pair folders at `size` (H, W): key ((source, i), crop, flip), as
+    data.augment_keys makes them -> (image (3, H, W) in [-1, 1], normalised log depth (1, H, W)), the image and
+    its depth (and mask) cropped and mirrored together. Read and normalised here (DataLoader workers); the
+    VAE encodes them per micro-batch."""
+
+    def __init__(self, sources, size):
+        self.sources, self.size = sources, size
+
+    def __len__(self):
+        return sum(map(len, self.sources))
+
+    def __getitem__(self, key):
+        (source, i), crop, flip = key
+        image, d, valid = self.sources[source][i]
+        image = fit(image, self.size, "bilinear", crop, flip)
+        d, valid = fit(d[None], self.size, "nearest", crop, flip), fit(valid[None], self.size, "nearest", crop, flip)
+        return image, normalize_depth(d[None], valid[None] > 0.5)[0]
 
 
 @torch.no_grad()
-def encode_pairs(bundle, ds, resolution, batch=64):
-    """Every pair at resolution x resolution -> depth latents x1 (N, 4, r, r) and image latents (N, 4, r, r),
-    on the CPU (--task depth encodes its data once: the demo's is small)."""
-    x1, cond = [], []
+def encode_items(bundle, images, y, amp):
+    """A micro-batch: images (B, 3, H, W), normalised depth (B, 1, H, W) -> depth latents x1 and image latents
+    cond, (B, 4, H/f, W/f) each, on the VAE's device."""
+    p = next(bundle.vae.parameters())
+    with amp():
+        return encode_depth(bundle.vae, y.to(p.device)), bundle.vae.encode(images.to(p.device, p.dtype)).float()
+
+
+def worker_error(e):
+    """A DepthError raised in a DataLoader worker carries the worker's traceback: its last line is the message."""
+    last = str(e).strip().splitlines()[-1]
+    return last.partition(": ")[2] if last.split(":")[0].endswith("DepthError") else last
+
+
+@torch.no_grad()
+def encode_pairs(bundle, ds, resolution, batch=64, amp=nullcontext):
+    """Every pair of `ds` (a PairDataset) at resolution (a side or "HxW", centre crop) -> depth latents x1
+    (N, 4, h, w) and image latents cond (N, 4, h, w) on the CPU: --cache, for small data such as the demo's."""
+    items, x1, cond = TrainItems([ds], parse_resolution(resolution)), [], []
     for start in tqdm(range(0, len(ds), batch), desc="encoding depth pairs", dynamic_ncols=True):
-        items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
-        images = torch.stack([square(im, resolution, "bilinear") for im, _, _ in items])
-        depth = torch.stack([square(d[None], resolution, "nearest") for _, d, _ in items])
-        valid = torch.stack([square(v[None], resolution, "nearest") > 0.5 for _, _, v in items])
-        p = next(bundle.vae.parameters())
-        x1.append(encode_depth(bundle.vae, normalize_depth(depth, valid).to(p.device)).cpu())
-        cond.append(bundle.vae.encode(images.to(p.device, p.dtype)).float().cpu())
+        keys = [((0, i), None, False) for i in range(start, min(start + batch, len(ds)))]
+        images, y = map(torch.stack, zip(*(items[k] for k in keys)))
+        z, c = encode_items(bundle, images, y, amp)
+        x1.append(z.cpu()), cond.append(c.cpu())
     return torch.cat(x1), torch.cat(cond)
 
 
+def item_keys(cfg, sizes, position, env):
+    """This process's micro-batches as TrainItems keys from stream position `position`: one folder in
+    data.batch_indices' order, several by data.mixture_batches (--data-weights, else their sizes)."""
+    if len(sizes) == 1:
+        batches = ([(0, i) for i in idx] for idx in batch_indices(cfg, sizes[0], position, env.rank, env.world))
+    else:
+        weights = parse_weights(cfg.data_weights, len(sizes)) or sizes
+        batches = mixture_batches(cfg, sizes, weights, position, env.rank, env.world)
+    return map(functools.partial(augment_keys, cfg), batches, batch_positions(cfg, position, env.rank, env.world))
+
+
 def task(cfg, bundle, env):
-    """--task depth: (image, depth) pairs from --data (PairDataset), encoded once: x1 = the depth latent,
-    cond = the image latent, context = the empty prompt. The prior's UNet gets its first conv widened to take
-    both (expand_first_conv); a depth model given as --ckpt is trained on as it is."""
+    """--task depth: (image, depth) pairs from --data (PairDataset; several folders mixed), x1 = the depth latent,
+    cond = the image latent, context = the empty prompt. Streamed: read, cropped (--crop), mirrored
+    (--random-flip) by DataLoader workers and VAE-encoded per micro-batch; --cache: all encoded once, in RAM
+    (the demo). The prior's UNet gets its first conv widened to take both (expand_first_conv); a depth model
+    given as --ckpt is trained on as it is."""
     ucfg = bundle.unet.cfg
     if ucfg.in_channels == ucfg.out_channels:
         expand_first_conv(bundle.unet)
     check_depth_model(bundle, cfg.ckpt)
-    ds = PairDataset(cfg.data)
-    with env.amp():
-        x1, cond = encode_pairs(bundle, ds, cfg.resolution)
+    sources = [PairDataset(d) for d in (cfg.data if isinstance(cfg.data, list) else [cfg.data])]
+    sizes, size = [len(ds) for ds in sources], parse_resolution(cfg.resolution)
+    cache = [encode_pairs(bundle, ds, cfg.resolution, amp=env.amp) for ds in sources] if cfg.cache else None
     empty = bundle.encode_prompt([""]).float().to(env.device)  # (1, 77, width), the only text
+    items = TrainItems(sources, size)
 
     def batches(position):
-        for idx in map(torch.tensor, batch_indices(cfg, len(ds), position, env.rank, env.world)):
-            yield {"x1": x1[idx].to(env.device), "cond": cond[idx].to(env.device),
-                   "context": empty.expand(len(idx), -1, -1)}
+        keys = item_keys(cfg, sizes, position, env)
+        if cache is not None:
+            for batch in keys:
+                x1, cond = (torch.stack([cache[s][k][i] for (s, i), _, _ in batch]) for k in (0, 1))
+                yield {"x1": x1.to(env.device), "cond": cond.to(env.device),
+                       "context": empty.expand(len(batch), -1, -1)}
+            return
+        loader = torch.utils.data.DataLoader(items, batch_sampler=keys, num_workers=cfg.workers,
+                                             generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
+        try:
+            for images, y in loader:
+                x1, cond = encode_items(bundle, images, y, env.amp)
+                yield {"x1": x1, "cond": cond, "context": empty.expand(len(x1), -1, -1)}
+        except DepthError as e:
+            fail(worker_error(e))
+
+    first = [items[((0, i), None, False)] for i in range(min(4, sizes[0]))]  # the grid's pairs, centre crops
+    gx1, gcond = encode_items(bundle, *map(torch.stack, zip(*first)), env.amp)
 
     def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
-        sample_grid(bundle, unet, objective, x1[:4].to(env.device), cond[:4].to(env.device), empty, path, env.amp)
-    return TaskData(len(ds), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4))
+        sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
+    return TaskData(sum(sizes), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4))
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -479,7 +552,7 @@ def main(argv=None):
     context = bundle.encode_prompt([""])
     os.makedirs(a.out, exist_ok=True)
     remove_stale_temps(a.out)  # the temp files of killed writers (dead pids only)
-    res = a.processing_res or int(bundle.meta.get("resolution", 64))
+    res = a.processing_res or max(parse_resolution(bundle.meta.get("resolution", 64)))
     info = {"model": bundle.name, "objective": bundle.objective, "steps": a.steps, "ensemble": a.ensemble,
             "seed": a.seed, "processing_res": res, "depth": "relative log depth r in [0, 1], 0 = near",
             "colormap": "Spectral, near = red"}
