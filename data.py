@@ -225,7 +225,7 @@ class Skips:
         for key, lines in (("skipped", batch["skipped"]), ("cut_shards", batch["cut"])):
             if lines:
                 self.counts[key] = self.counts.get(key, 0) + len(lines)
-        self.names += [s.split(": ")[0] for s in batch["skipped"][:5 - len(self.names)]]
+        self.names = list(dict.fromkeys(self.names + [s.split(": ")[0] for s in batch["skipped"]]))[:5]
         self.read += batch["read"]
         bad = self.counts.get("skipped", 0)
         if self.read >= self.floor and bad > MAX_BAD * self.read:
