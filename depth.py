@@ -27,7 +27,11 @@ Ensembling (ensemble_median): --ensemble N predictions from different noise; eac
 pixelwise median by least squares (scale and shift), then the pixelwise median of the aligned members
 is the prediction and their standard deviation the uncertainty map.
 
-Data: a folder of pairs (PairDataset), as scenes.py writes it:
+Data: a folder of pairs (PairDataset), as scenes.py writes it, or several mixed (train.py --data A --data B
+--data-weights 0.9,0.1, the paper's Hypersim + Virtual KITTI 2: data.mixture_batches). Training streams them:
+DataLoader workers read each pair, resize it to cover --resolution (a side or HxW, e.g. the paper's 384x512),
+crop image and depth together (the centre or --crop random), mirror both (--random-flip), normalise the depth,
+and the VAE encodes each micro-batch (--cache: all encoded once into RAM instead, for small data like the demo):
     DIR/rgb/NAME.png|jpg        the image
     DIR/depth/NAME.png          16-bit, millimetres (0 = invalid)  -- or DIR/depth/NAME.npy, metres (0/nan/inf = invalid)
     DIR/mask/NAME.png           optional: nonzero = valid
@@ -260,7 +264,9 @@ class PairDataset:
         if not os.path.isdir(rgb) or not os.path.isdir(os.path.join(self.root, "depth")):
             raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python toy/scenes.py --out DIR writes one)")
         names = sorted(f for f in os.listdir(rgb) if f.lower().endswith(IMAGE_EXTS))
+        self.depth_names = set(os.listdir(os.path.join(self.root, "depth")))  # one listing, not a stat per pair
         self.items = [(os.path.join(rgb, f), self._depth_file(os.path.splitext(f)[0])) for f in names]
+        del self.depth_names
         missing = [os.path.basename(r) for r, d in self.items if d is None]
         if missing:
             raise DepthError(f"{self.root}: {len(missing)} images have no depth/NAME.png or .npy: "
@@ -270,9 +276,8 @@ class PairDataset:
 
     def _depth_file(self, stem):
         for ext in (".png", ".npy"):
-            p = os.path.join(self.root, "depth", stem + ext)
-            if os.path.isfile(p):
-                return p
+            if stem + ext in self.depth_names:
+                return os.path.join(self.root, "depth", stem + ext)
         return None
 
     def __len__(self):

@@ -22,7 +22,10 @@ then rename), and a rerun makes only the missing shards: a killed generation con
 an uninterrupted one. Under torchrun, rank r of w makes shards r, r + w, ... . OUT/pairs.json records the
 settings (teacher, steps, cfg, seed, ...): other settings in the same folder are an error, never a mix.
 
-Step two, training (train.py --task reflow): the Diff2Flow objective on the FIXED pairs, x_t = t x_1 + (1-t) x_0,
+Step two, training (train.py --task reflow): the pairs are streamed from their shards (PairShards: each
+micro-batch's pairs read as needed, only those rows, by the rank that trains on them; memory does not grow with
+--n-pairs, ~236 GB for the paper's 1.8M SD1.5 pairs in RAM) in the same order as ever, and
+the Diff2Flow objective on the FIXED pairs, x_t = t x_1 + (1-t) x_0,
 target x_1 - x_0, by default with the paper's rank-64 LoRA (--lora small; rank 16 for the tiny demo, whose UNet
 is 32-64 wide) or full. The student learns the GUIDED flow, so it is sampled without CFG (cfg 1: one UNet call per
 step, half the teacher's cost per step) and trained without caption dropout: an empty-prompt branch would be

@@ -53,8 +53,8 @@ class TrainConfig:  # None: the preset's value
     task: str = arg("t2i", "text-to-image, reflow (reflow.py) or image-to-depth (depth.py)", choices=list(TASKS))
     preset: str = arg(None, "named settings for every option not given (end of --help)")
     ckpt: str = arg(None, "model to fine-tune (reflow: the teacher): anything sd.load takes")
-    data: str = arg(None, "t2i: images + .txt captions or a metadata.jsonl; depth: rgb/ + depth/ (depth.py), "
-                    "several mixed: --data A --data B", action=data.Sources)
+    data: str = arg(None, "t2i: images + .txt captions, a metadata.jsonl or tar shards (data.py); depth: rgb/ + depth/ "
+                    "(depth.py); depth mixes several: --data A --data B", action=data.Sources)
     data_weights: str = arg("", "depth: the sources' weights, e.g. 0.9,0.1 (default: their sizes)")
     out: str = arg(None, "output folder")
     objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
@@ -86,7 +86,8 @@ class TrainConfig:  # None: the preset's value
     keep: int = arg(2, "checkpoints kept, as ckpt-STEP.pt (ckpt.pt: a link to the newest)")
     sample_every: int = arg(None, "write a sample grid every N steps (0 = never)")
     sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
-    cache: bool = arg(None, "encode every image (depth map) and caption once (t2i: --out/cache.pt), then only the UNet")
+    cache: bool = arg(None, "encode every image (and depth map) and caption once (t2i: --out/cache/ shards), then "
+                      "run only the UNet")
     bf16: bool = arg(None, "bf16 autocast, fp32 master weights (default: on for CUDA)")
     compile: bool = arg(False, "torch.compile the UNet")
     grad_checkpointing: bool = arg(False, "recompute UNet activations in backward: less memory, ~30-40%% slower")
@@ -152,9 +153,7 @@ def check_config(cfg: TrainConfig):
     if cfg.task == "reflow" and (not cfg.prompts or cfg.n_pairs < 1 or cfg.teacher_steps < 1):
         usage_error("--task reflow needs --prompts FILE (one prompt per line); --n-pairs and --teacher-steps "
                     "must be >= 1")
-    if cfg.task != "reflow" and not cfg.data:
-        usage_error("--data is required: " + ("a pair folder, rgb/ + depth/ (depth.py)" if cfg.task == "depth"
-                                              else "a folder of images with .txt captions, or a metadata.jsonl"))
+    data.check_args(cfg)
     cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
     cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a repo id
     cfg.pairs = os.path.abspath(cfg.pairs or os.path.join(cfg.out, "pairs")) if cfg.task == "reflow" else cfg.pairs
@@ -174,6 +173,7 @@ def load_resume(cfg, path, world):
             if getattr(saved, k) != getattr(cfg, k)]
     if saved.batch_size * saved.grad_accum * state["world_size"] != cfg.batch_size * cfg.grad_accum * world:
         diff.append("another global batch (batch-size x grad-accum x processes)")
+    diff += data.resume_conflicts(cfg, saved, state["world_size"], world)
     if diff:
         fail(f"--resume: the checkpoint was trained with {'; '.join(diff)}; use the same settings")
     if cfg.steps < state["step"]:
@@ -351,7 +351,8 @@ def loop(run, state):
             done, sec = step + 1, time.time() - t0
             if env.master:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_per_s=f"{run.G / sec:.1f}")
-                log.write(json.dumps(dict(step=done, loss=loss, lr=lr, grad_norm=grad_norm, time=sec)) + "\n")
+                row = dict(step=done, loss=loss, lr=lr, grad_norm=grad_norm, time=sec, **run.data.counts)
+                log.write(json.dumps(row) + "\n")
             if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 save_checkpoint(run, done)
             if env.master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
@@ -386,7 +387,7 @@ def main(argv=None):
             print(f"{run.objective} on {b.name} ({b.version}, {b.prediction}-prediction), {how} fine-tuning: "
                   f"{n:.2f}M trainable, {run.data.n} {run.data.what}, global batch {run.G}, {env.world} process(es)")
         return loop(run, state)
-    except (CheckpointError, DiskFull) as e:
+    except (CheckpointError, DiskFull, data.DataError) as e:  # DataError: data met while training
         fail(str(e))
     finally:
         if lock:
