@@ -575,9 +575,11 @@ def check_options(cfg, meta):
         raise ValueError("--data-weights mixes several --data; give --data once per source")
     if cfg.cache and (cfg.random_flip or cfg.crop == "random"):
         raise ValueError("--random-flip and --crop random change the pixels of each draw: use them with --no-cache")
-    if cfg.task == "t2i" and cfg.crop == "random" and safe_list_shards(cfg.data):
-        raise ValueError(f"--crop random: tar shards ({cfg.data}) are centre-cropped (folders and depth pairs "
-                         "take random crops); drop --crop random")
+    if cfg.crop == "random" and safe_list_shards(cfg.data):
+        raise ValueError(f"--crop random: tar shards ({cfg.data}) are centre-cropped (folders take random crops); "
+                         "drop --crop random")
+    if many and any(safe_list_shards(s) for s in sources):
+        raise ValueError("--data: tar shards are one source; several --data mix pair folders")
     made = [demo(s, max(parse_resolution(cfg.resolution))) for s in sources] + [demo(cfg.prompts, 0)]
     absolute = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # else a repo id
     paths = [absolute(p) for p, _ in made]
@@ -790,7 +792,7 @@ def resume_conflicts(cfg, saved, saved_world, world):
     """What --resume must also keep for this data (train.load_resume): streamed tar shards are split by process
     and DataLoader worker (ShardStream), so processes, workers and batch size stay (--cache: nothing)."""
     try:
-        streamed = cfg.task == "t2i" and not cfg.cache and list_shards(cfg.data) is not None
+        streamed = cfg.task in ("t2i", "depth") and not cfg.cache and safe_list_shards(cfg.data) is not None
     except DataError:  # named when the task reads its data
         return []
     was = (saved_world, max(saved.workers, 1), saved.batch_size, saved.grad_accum)

@@ -49,6 +49,7 @@ clipped to [min, max]; then AbsRel, delta1..3 and RMSE per image, averaged over 
 """
 import argparse
 import functools
+import io
 import os
 import warnings
 from contextlib import nullcontext
@@ -65,8 +66,8 @@ import diff2flow
 import sd
 from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, remove_stale_temps,
                     rgb_array, usage_error)
-from data import (TaskData, augment_keys, batch_indices, batch_positions, crop_box, mixture_batches, parse_resolution,
-                  parse_weights)
+from data import (ShardCut, ShardStream, Skips, TaskData, augment_keys, batch_indices, batch_positions, check_shards,
+                  crop_box, list_shards, mirror, mixture_batches, parse_resolution, parse_weights, tar_groups)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
@@ -235,13 +236,15 @@ def read_image(path):
     return torch.from_numpy(a.clip(0, 1)).permute(2, 0, 1).float() * 2 - 1
 
 
-def read_depth(path):
-    """depth/NAME.png (16-bit millimetres) or .npy (metres) -> (H, W) float32 metres; 0 where invalid."""
+def read_depth(path, raw=None):
+    """depth/NAME.png (16-bit millimetres) or .npy (metres) -> (H, W) float32 metres; 0 where invalid. raw: the
+    file's bytes (a tar member; `path` then names it)."""
+    src = io.BytesIO(raw) if raw is not None else path
     try:
         if path.endswith(".npy"):
-            d = np.load(path, allow_pickle=False).astype(np.float32)
+            d = np.load(src, allow_pickle=False).astype(np.float32)
         else:
-            with Image.open(path) as im:
+            with Image.open(src) as im:
                 d = np.asarray(im, dtype=np.float32)
                 if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
                     raise DepthError(f"{path}: a {im.mode} PNG; depth PNGs must be 16-bit millimetres")
@@ -256,35 +259,41 @@ def read_depth(path):
 
 class PairDataset:
     """A pair folder (module docstring): item i -> (image (3, H, W) in [-1, 1], depth (H, W) metres,
-    valid (H, W) bool), at the files' own size."""
+    valid (H, W) bool), at the files' own size. Start-up costs two listings; the names are kept as numpy bytes
+    arrays, no Python object per pair (whose refcounts forked DataLoader workers would copy on write)."""
 
     def __init__(self, root):
         self.root = os.fspath(root)
         rgb = os.path.join(self.root, "rgb")
         if not os.path.isdir(rgb) or not os.path.isdir(os.path.join(self.root, "depth")):
-            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python toy/scenes.py --out DIR writes one)")
+            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python toy/scenes.py --out "
+                             "DIR writes one)")
         names = sorted(f for f in os.listdir(rgb) if f.lower().endswith(IMAGE_EXTS))
-        self.depth_names = set(os.listdir(os.path.join(self.root, "depth")))  # one listing, not a stat per pair
-        self.items = [(os.path.join(rgb, f), self._depth_file(os.path.splitext(f)[0])) for f in names]
-        del self.depth_names
-        missing = [os.path.basename(r) for r, d in self.items if d is None]
+        depth_names = set(os.listdir(os.path.join(self.root, "depth")))  # one listing, not a stat per pair
+        depth = [next((s + e for e in (".png", ".npy") if s + e in depth_names), None)
+                 for s in (os.path.splitext(f)[0] for f in names)]
+        missing = [f for f, d in zip(names, depth) if d is None]
         if missing:
             raise DepthError(f"{self.root}: {len(missing)} images have no depth/NAME.png or .npy: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if not self.items:
+        if not names:
             raise DepthError(f"{self.root}: rgb/ holds no images ({' '.join(IMAGE_EXTS)})")
+        self.rgb, self.depth = (np.array([os.fsencode(f) for f in x]) for x in (names, depth))
 
-    def _depth_file(self, stem):
-        for ext in (".png", ".npy"):
-            if stem + ext in self.depth_names:
-                return os.path.join(self.root, "depth", stem + ext)
-        return None
+    @property
+    def items(self):
+        """(rgb path, depth path) of every pair."""
+        return [self.paths(i) for i in range(len(self))]
+
+    def paths(self, i):
+        return (os.path.join(self.root, "rgb", os.fsdecode(self.rgb[i])),
+                os.path.join(self.root, "depth", os.fsdecode(self.depth[i])))
 
     def __len__(self):
-        return len(self.items)
+        return len(self.rgb)
 
     def __getitem__(self, i):
-        rgb_path, depth_path = self.items[i]
+        rgb_path, depth_path = self.paths(i)
         image, depth = read_image(rgb_path), read_depth(depth_path)
         if image.shape[1:] != depth.shape:
             h, w = image.shape[1:]
@@ -330,10 +339,43 @@ class TrainItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         (source, i), crop, flip = key
-        image, d, valid = self.sources[source][i]
-        image = fit(image, self.size, "bilinear", crop, flip)
-        d, valid = fit(d[None], self.size, "nearest", crop, flip), fit(valid[None], self.size, "nearest", crop, flip)
-        return image, normalize_depth(d[None], valid[None] > 0.5)[0]
+        return train_item(*self.sources[source][i], self.size, crop, flip)
+
+
+def train_item(image, d, valid, size, crop=None, flip=False):
+    """A pair at its own size -> (image (3, H, W), normalised log depth (1, H, W)) at size (H, W): both resized
+    to cover it and cropped and mirrored alike (fit), then the depth normalised over its valid pixels."""
+    image = fit(image, size, "bilinear", crop, flip)
+    d, valid = fit(d[None], size, "nearest", crop, flip), fit(valid[None], size, "nearest", crop, flip)
+    return image, normalize_depth(d[None], valid[None] > 0.5)[0]
+
+
+# Depth tar shards, read by data.py's generic reader (tar_groups, ShardStream) as t2i's are: members grouped by
+# key (up to the file name's first dot), KEY.rgb.* the image and KEY.depth.png (16-bit mm) or .npy (m) its depth.
+DEPTH_SHARDS = "KEY.rgb.png|jpg|jpeg|webp + KEY.depth.png (16-bit mm) or KEY.depth.npy (metres) per pair"
+RGB_SUFFIXES = ("rgb.png", "rgb.jpg", "rgb.jpeg", "rgb.webp")
+
+
+def depth_valid(group):
+    """Why a shard's group is no depth pair (None: it is one)."""
+    if not any(s in group for s in RGB_SUFFIXES):
+        return "no KEY.rgb.png|jpg|jpeg|webp"
+    return None if "depth.png" in group or "depth.npy" in group else "no KEY.depth.png or KEY.depth.npy"
+
+
+def shard_pair(size, shard, key, group):
+    """A depth group -> a record for data.collate, whose "image" is (4, H, W): the RGB and the normalised depth
+    stacked (centre crop), so that the generic reader batches and --random-flip mirrors both as one tensor."""
+    rgb, dep = next(s for s in RGB_SUFFIXES if s in group), "depth.npy" if "depth.npy" in group else "depth.png"
+    try:
+        image, d = read_image(io.BytesIO(group[rgb])), read_depth(f"{shard}:{key}.{dep}", group[dep])
+    except DepthError as e:  # a damaged member: skipped and named, as a t2i shard's
+        return dict(skipped=[f"{shard}: {key}: {e}; skipped"], read=1)
+    if image.shape[1:] != d.shape:
+        return dict(error=f"{shard}: {key}: the image is {image.shape[1]}x{image.shape[2]} but its depth is "
+                          f"{d.shape[0]}x{d.shape[1]} (HxW); write the depth map at the image's size",
+                    skipped=[], read=1)
+    return dict(image=torch.cat(train_item(image, d, d > 0, size)), caption="", skipped=[], read=1)
 
 
 @torch.no_grad()
@@ -385,10 +427,13 @@ def task(cfg, bundle, env):
     if ucfg.in_channels == ucfg.out_channels:
         expand_first_conv(bundle.unet)
     check_depth_model(bundle, cfg.ckpt)
+    empty = bundle.encode_prompt([""]).float().to(env.device)  # (1, 77, width), the only text
+    shards = list_shards(cfg.data) if isinstance(cfg.data, str) else None
+    if shards is not None:
+        return shard_task(cfg, bundle, env, shards, empty)
     sources = [PairDataset(d) for d in (cfg.data if isinstance(cfg.data, list) else [cfg.data])]
     sizes, size = [len(ds) for ds in sources], parse_resolution(cfg.resolution)
     cache = [encode_pairs(bundle, ds, cfg.resolution, amp=env.amp) for ds in sources] if cfg.cache else None
-    empty = bundle.encode_prompt([""]).float().to(env.device)  # (1, 77, width), the only text
     items = TrainItems(sources, size)
 
     def batches(position):
@@ -414,6 +459,52 @@ def task(cfg, bundle, env):
     def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
         sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
     return TaskData(sum(sizes), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4))
+
+
+def first_shard_pairs(shards, size, k=4):
+    """Up to k stacked (4, H, W) pairs from the first shard: the sample grid's."""
+    out = []
+    try:
+        for key, group in tar_groups(shards[0]):
+            record = {} if depth_valid(group) else shard_pair(size, shards[0], key, group)
+            out += [record["image"]] if "image" in record else []
+            if len(out) == k:
+                break
+    except ShardCut:  # named when training reads it
+        pass
+    if not out:
+        raise DepthError(f"{shards[0]}: no usable pair among its first members; shards need {DEPTH_SHARDS}")
+    return torch.stack(out)
+
+
+def shard_task(cfg, bundle, env, shards, empty):
+    """--task depth on tar shards (DEPTH_SHARDS): split over ranks and workers and resumed by data.ShardStream as
+    t2i's shards are; each item the stacked image + normalised depth of shard_pair, mirrored here (--random-flip:
+    both at once), VAE-encoded per micro-batch. Damaged members and cut shards are skipped, named and counted."""
+    if cfg.cache:
+        raise DepthError(f"--cache: depth tar shards ({cfg.data}) are streamed; use --no-cache")
+    check_shards(shards[env.rank::env.world], depth_valid, DEPTH_SHARDS)
+    size, skips = parse_resolution(cfg.resolution), Skips(cfg.data)
+    record = functools.partial(shard_pair, size)
+
+    def batches(position):
+        positions = batch_positions(cfg, position, env.rank, env.world)
+        start = position // (cfg.batch_size * cfg.grad_accum * env.world) * cfg.grad_accum  # micro-batches done
+        stream = ShardStream(shards, cfg.seed, cfg.batch_size, env.rank, env.world, cfg.workers, start, record,
+                             depth_valid)
+        micro = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                            generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
+        for b, where in zip(map(skips, micro), positions):
+            x = mirror(cfg, b["images"], where)  # (B, 4, H, W): RGB, depth
+            x1, cond = encode_items(bundle, x[:, :3], x[:, 3:], env.amp)
+            yield {"x1": x1, "cond": cond, "context": empty.expand(len(x1), -1, -1)}
+    first = first_shard_pairs(shards, size)
+    gx1, gcond = encode_items(bundle, first[:, :3], first[:, 3:], env.amp)
+
+    def grid(unet, objective, path):
+        sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
+    return TaskData(len(shards), batches, [""], grid, "depth tar shards (streamed)", meta=dict(steps=10, ensemble=4),
+                    counts=skips.counts)
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -494,3 +494,40 @@ def test_train_depth_on_two_mixed_folders_resumes_exactly_and_names_mismatched_s
     msg = str(e.value)
     assert "\n" not in msg and "i0.png: the image is 32x32 but its depth" in msg and "16x16" in msg
     assert "write the depth map at the image's size" in msg
+
+
+def test_train_depth_on_tar_shards_resumes_exactly_and_skips_a_damaged_member(pairs, tmp_path):
+    """Depth tar shards (KEY.rgb.png + KEY.depth.png, read by data.py's generic reader): training resumes
+    bit-exactly (--random-flip mirrors image and depth as one tensor), a damaged depth member is skipped by name
+    and counted in log.jsonl, a shard without depth members is one line naming it."""
+    import io
+    import json
+    import tarfile
+    ds = depth.PairDataset(pairs)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i in range(3 * s, 3 * s + 3):
+                rgb, dep = ds.paths(i)
+                payloads = [("rgb.png", open(rgb, "rb").read()), ("depth.png", open(dep, "rb").read())]
+                if i == 4:
+                    payloads[1] = ("depth.png", b"not a png")
+                for suffix, payload in payloads:
+                    info = tarfile.TarInfo(f"{i:05d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    args = ["--no-cache", "--random-flip", "--batch-size", "2"]
+    a = sd.load(tiny_depth_run(str(shards), tmp_path / "a", "--steps", "3", *args))
+    tiny_depth_run(str(shards), tmp_path / "b", "--steps", "1", *args)
+    b = sd.load(tiny_depth_run(str(shards), tmp_path / "b", "--steps", "3", "--resume", *args))
+    for (k, v), w in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.equal(v, w), k
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert sum(r.get("skipped", 0) for r in rows) >= 1
+    with tarfile.open(tmp_path / "rgb-only.tar", "w") as tar:
+        info = tarfile.TarInfo("00000.rgb.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(SystemExit, match="rgb-only.tar: 00000: no KEY.depth.png or KEY.depth.npy; shards need"):
+        tiny_depth_run(str(tmp_path / "rgb-only.tar"), tmp_path / "c", "--steps", "1", "--no-cache")
