@@ -11,13 +11,16 @@ Items are small and synthetic, so the numbers are the data path's fixed and per-
   with the spec train.py computes, shards of 64 random (noise, latent) pairs: train.py finds every shard made
   and trains on them (--n-pairs n, LoRA 16, batch 8).
 - depth: a pair folder of n random 16x16 rgb/NNNNNNN.png + 16-bit depth/NNNNNNN.png, streamed (--no-cache, the
-  SD preset's path: read and VAE-encoded per micro-batch; 2 workers), the tiny prior at 16 px, batch 8.
+  SD preset's path: read and VAE-encoded per micro-batch; 2 workers), the tiny prior at 16 px, batch 8; and the
+  same pairs as tar shards of 250 (KEY.rgb.png + KEY.depth.png).
 """
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -65,6 +68,23 @@ def make_depth(folder, n):
         Image.fromarray(rng.integers(500, 9000, (16, 16)).astype(np.uint16)).save(f"{folder}/depth/{i:07d}.png")
 
 
+def make_depth_shards(folder, n, per_shard=250):
+    """make_depth's pairs as tar shards of per_shard KEY.rgb.png + KEY.depth.png (depth.DEPTH_SHARDS)."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    for s in range(-(-n // per_shard)):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                for suffix, a in (("rgb.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+                                  ("depth.png", rng.integers(500, 9000, (16, 16)).astype(np.uint16))):
+                    buf = io.BytesIO()
+                    Image.fromarray(a).save(buf, "PNG")
+                    info = tarfile.TarInfo(f"{i:07d}.{suffix}")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+
+
 def reflow_args(folder, n):
     return [*REFLOW, "--prompts", os.path.join(folder, "prompts.txt"), "--pairs", os.path.join(folder, "pairs"),
             "--n-pairs", str(n)]
@@ -73,6 +93,7 @@ def reflow_args(folder, n):
 FORMATS = {  # (task, format) -> (make(folder, n), train.py arguments for (folder, n)), as bench_data.py's
     ("reflow", "pairs"): (make_pairs, reflow_args),
     ("depth", "pairs"): (make_depth, lambda folder, n: [*DEPTH, "--data", folder]),
+    ("depth", "shards"): (make_depth_shards, lambda folder, n: [*DEPTH, "--data", folder]),
 }
 
 # The child: train.main, stopped at the end of its first optimizer step with the time and peak memory then.

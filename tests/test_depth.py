@@ -452,6 +452,10 @@ def test_random_flip_mirrors_the_image_and_its_depth_together(tmp_path):
     keys = data.augment_keys(cfg, range(10000), range(5000, 15000))
     assert abs(sum(k[2] for k in keys) / 10000 - 0.5) < 0.02 and len({k[1] for k in keys}) == 10000
     assert data.augment_keys(cfg, [7], range(9000, 9001)) == [(7, *keys[4000][1:])]  # the position decides
+    x = torch.randn(6, 4, 3, 5)  # tar shards: mirrored in the trainer by the same draws (RGB + depth stacked)
+    flips = [k[2] for k in data.augment_keys(cfg, range(6), range(100, 106))]
+    expect = torch.stack([xi.flip(-1) if f else xi for xi, f in zip(x, flips)])
+    assert torch.equal(data.mirror(cfg, x, range(100, 106)), expect) and 0 < sum(flips) < 6
 
 
 def test_mixture_draws_sources_at_their_weights_deterministically_and_resumes(tmp_path):
