@@ -259,7 +259,7 @@ def read_depth(path, raw=None):
 
 class PairDataset:
     """A pair folder (module docstring): item i -> (image (3, H, W) in [-1, 1], depth (H, W) metres,
-    valid (H, W) bool), at the files' own size. Start-up costs two listings; the names are kept as numpy bytes
+    valid (H, W) bool), at the files' own size. Start-up costs two listings; the names are kept as numpy string
     arrays, no Python object per pair (whose refcounts forked DataLoader workers would copy on write)."""
 
     def __init__(self, root):
@@ -270,15 +270,16 @@ class PairDataset:
                              "DIR writes one)")
         names = sorted(f for f in os.listdir(rgb) if f.lower().endswith(IMAGE_EXTS))
         depth_names = set(os.listdir(os.path.join(self.root, "depth")))  # one listing, not a stat per pair
-        depth = [next((s + e for e in (".png", ".npy") if s + e in depth_names), None)
-                 for s in (os.path.splitext(f)[0] for f in names)]
+        stems = [f.rpartition(".")[0] for f in names]
+        depth = [s + ".png" if s + ".png" in depth_names else s + ".npy" if s + ".npy" in depth_names else None
+                 for s in stems]
         missing = [f for f, d in zip(names, depth) if d is None]
         if missing:
             raise DepthError(f"{self.root}: {len(missing)} images have no depth/NAME.png or .npy: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         if not names:
             raise DepthError(f"{self.root}: rgb/ holds no images ({' '.join(IMAGE_EXTS)})")
-        self.rgb, self.depth = (np.array([os.fsencode(f) for f in x]) for x in (names, depth))
+        self.rgb, self.depth = np.array(names), np.array(depth)
 
     @property
     def items(self):
@@ -286,8 +287,7 @@ class PairDataset:
         return [self.paths(i) for i in range(len(self))]
 
     def paths(self, i):
-        return (os.path.join(self.root, "rgb", os.fsdecode(self.rgb[i])),
-                os.path.join(self.root, "depth", os.fsdecode(self.depth[i])))
+        return os.path.join(self.root, "rgb", str(self.rgb[i])), os.path.join(self.root, "depth", str(self.depth[i]))
 
     def __len__(self):
         return len(self.rgb)
