@@ -108,18 +108,18 @@ def load_image(path, resolution):
 def list_folder(root):
     """Images anywhere below `root` (sorted, so the order is the same on every machine) and their NAME.txt, from
     the listing alone: nothing is opened. An image without a caption file is a DataError naming it."""
-    images, texts = [], set()
+    images, missing = [], []
     for d, _, files in os.walk(root):
-        for f in files:
+        texts, d = {f[:-4] for f in files if f.endswith(".txt")}, os.path.join(d, "")  # the caption stems here
+        for f in files:  # (plain string operations: a million names are listed in seconds)
             if f.lower().endswith(IMAGE_EXTS):
-                images.append(os.path.join(d, f))
-            elif f.endswith(".txt"):
-                texts.add(os.path.join(d, f[:-4]))
+                (images if f.rpartition(".")[0] in texts else missing).append(d + f)
+    images += missing  # sorted with the rest, for the message
     if not images:
         raise DataError(f"{root}: no images ({' '.join(IMAGE_EXTS)}), no metadata.jsonl and no .tar shards")
     images.sort()
-    missing = [p for p in images if os.path.splitext(p)[0] not in texts]
     if missing:
+        missing.sort()
         raise DataError(f"{root}: {len(missing)} of {len(images)} images have no caption: {_names(missing, root)}; "
                         "put NAME.txt beside each image or write a metadata.jsonl (file_name, text)")
     return images
@@ -154,7 +154,7 @@ class FolderDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: no such folder; pass a folder of images + .txt captions, a metadata.jsonl, "
                             "or .tar shards (a .tar, a folder of them, or a pattern shards/{00000..00099}.tar)")
         self.root = path if os.path.isdir(path) else os.path.dirname(path)
-        self.files, self.captions, self.resolution = np.array([os.fsencode(p) for p in images]), captions, resolution
+        self.files, self.captions, self.resolution = np.char.encode(images, "utf-8", "surrogateescape"), captions, resolution
 
     def __len__(self):
         return len(self.files)
@@ -570,6 +570,10 @@ def t2i_source(cfg, env):
     if shards is None:
         return FolderDataset(cfg.data, cfg.resolution), None
     check_shards(shards[env.rank::env.world], t2i_valid, T2I_SHARDS)
+    readers = env.world * max(cfg.workers, 1)
+    if len(shards) < readers and not cfg.cache:
+        raise DataError(f"--data {cfg.data}: {len(shards)} shard(s) for {readers} readers ({env.world} process(es) x "
+                        f"{max(cfg.workers, 1)} worker(s)), each needs one: use fewer --workers or more shards")
     return None, shards
 
 
