@@ -154,7 +154,8 @@ class FolderDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: no such folder; pass a folder of images + .txt captions, a metadata.jsonl, "
                             "or .tar shards (a .tar, a folder of them, or a pattern shards/{00000..00099}.tar)")
         self.root = path if os.path.isdir(path) else os.path.dirname(path)
-        self.files, self.captions, self.resolution = np.char.encode(images, "utf-8", "surrogateescape"), captions, resolution
+        self.files = np.char.encode(images, "utf-8", "surrogateescape")  # os.fsencode's bytes, at numpy's speed
+        self.captions, self.resolution = captions, resolution
 
     def __len__(self):
         return len(self.files)
@@ -324,7 +325,7 @@ def check_shards(paths, valid, what):
         try:
             key, group = next(tar_groups(p, read=lambda: False), (None, None))
         except tarfile.ReadError as e:
-            raise DataError(f"{p}: not a tar file ({e}); --data takes {what}") from None
+            raise DataError(f"{p}: not a tar file ({e}); --data takes uncompressed tar shards of {what}") from None
         except ShardCut:  # cut before its first group ends: met (and named) when read
             continue
         if key is None:
@@ -629,7 +630,7 @@ def resume_conflicts(cfg, saved, saved_world, world):
         streamed = cfg.task == "t2i" and not cfg.cache and list_shards(cfg.data) is not None
     except DataError:  # named when the task reads its data
         return []
-    was = (saved_world, max(saved.workers, 1), saved.batch_size, saved.grad_accum)
+    was = (saved_world, max(saved.workers or 0, 1), saved.batch_size, saved.grad_accum)
     now = (world, max(cfg.workers, 1), cfg.batch_size, cfg.grad_accum)
     if not streamed or was == now:
         return []

@@ -119,7 +119,7 @@ def make(args):
 def startup_row(args, task, fmt, n):
     """One fresh train.py process: (seconds to the first optimizer step, its peak RSS MB, its workers' MB)."""
     out = os.path.join(args.root, "runs", f"{task}-{fmt}-{n}-{time.time_ns()}")
-    cmd = [sys.executable, "-c", CHILD.format(root=ROOT), *FORMATS[(task, fmt)][1],
+    cmd = [sys.executable, "-c", CHILD.format(root=os.path.abspath(args.code)), *FORMATS[(task, fmt)][1],
            "--data", data_folder(args.root, task, fmt, n), "--out", out]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -131,15 +131,19 @@ def startup_row(args, task, fmt, n):
 
 
 def startup(args):
+    """Every row `--repeat` times, the rows interleaved (a shared machine's load drifts over minutes: it then
+    hits every size alike); the best of each row is reported."""
+    rows = [(task, fmt, n) for task, fmt in FORMATS if args.task in (None, task) and args.format in (None, fmt)
+            for n in args.n]
+    runs = {row: [] for row in rows}
+    for _ in range(args.repeat):
+        for row in rows:
+            runs[row].append(startup_row(args, *row))
     print("| task | format | items | start-up to the first step (s) | peak RSS, trainer (MB) | peak RSS, 2 workers "
           "(MB) |\n|---|---|---:|---:|---:|---:|")
-    for task, fmt in FORMATS:
-        if args.task not in (None, task):
-            continue
-        for n in args.n:
-            rows = [startup_row(args, task, fmt, n) for _ in range(args.repeat)]
-            best = min(rows)  # the least disturbed run (a shared machine)
-            print(f"| {task} | {fmt} | {n} | {best[0]:.2f} | {best[1]:.0f} | {best[2]:.0f} |", flush=True)
+    for (task, fmt, n), results in runs.items():
+        t, rss, workers = (min(r[i] for r in results) for i in range(3))
+        print(f"| {task} | {fmt} | {n} | {t:.2f} | {rss:.0f} | {workers:.0f} |")
 
 
 def decode(args):
@@ -171,6 +175,8 @@ def main():
     p.add_argument("--n", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000, 100000])
     p.add_argument("--root", default="/tmp/bench_data", help="where the synthetic items are made once")
     p.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported")
+    p.add_argument("--code", default=ROOT, help="startup: the checkout whose train.py runs (another, to compare)")
+    p.add_argument("--format", default=None, help="startup: only this format's rows (folder, shards, ...)")
     p.add_argument("--images", type=int, default=200, help="decode: images per timing")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # a worker decodes on one thread

@@ -198,7 +198,7 @@ def test_damaged_shards_in_training_are_warned_and_counted_in_the_log(tiny, tmp_
     (lambda d: write_shards(os.path.join(d, "nocap"), 1, 2, caption=False),
      r"nocap/00000\.tar: 000000: no \.txt caption; shards need KEY\.jpg\|jpeg\|png\|webp \+ KEY\.txt"),
     (lambda d: open(os.path.join(d, "x.tar"), "wb").write(b"hello" * 300) and os.path.join(d, "x.tar"),
-     r"x\.tar: not a tar file \(.*\); --data takes KEY\.jpg"),
+     r"x\.tar: not a tar file \(.*\); --data takes uncompressed tar shards of KEY\.jpg"),
 ], ids=["no-match", "no-captions", "not-a-tar"])
 def test_bad_shards_are_one_line_naming_the_file(tiny, tmp_path, make, message):
     with pytest.raises(SystemExit) as e:
