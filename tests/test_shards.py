@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -249,3 +250,24 @@ def test_cache_shards_are_each_encoded_by_one_process_and_read_back_exactly(tmp_
     assert len(cache) == 12 and all(torch.equal(cache[i][0], z) and torch.equal(cache[i][1], c)
                                     for i, (z, c) in enumerate(want))
     assert set(load_file(tmp_path / "out" / "cache" / "00003.safetensors")) == {"latents", "context"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_share_the_cache_encoding_and_train(tiny, tmp_path):
+    """torchrun-style: 2 processes x 2 workers, --cache on 4 shards: each process encodes 2, both train on all."""
+    port = str(free_port())
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args(tiny[0], tiny[1], tmp_path / "ddp", "--steps", "2",
+                                                                  "--cache", "--batch-size", "1")]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "--cache: encoding 2 shard(s)" in logs[0], "rank 0 encodes 2 of the 4 shards (rank 1 the others)"
+    assert "12 images (cached)" in logs[0] and len(open(tmp_path / "ddp" / "log.jsonl").readlines()) == 2
+    assert sorted(os.listdir(tmp_path / "ddp" / "cache")) == [f"0000{j}.safetensors" for j in range(4)] + ["cache.json"]
