@@ -192,11 +192,15 @@ class FolderDataset(torch.utils.data.Dataset):
                                   f"{self.file(i)}; run `python data.py check {self.root}`")
 
 
+NOTES = ("skipped", "cut", "read", "error")  # a record's bookkeeping; its other keys are the item
+
+
 def collate(records, fill=True):
-    """Records (FolderDataset.item, shard_record) -> a micro-batch dict: "images" (B, 3, R, R), "captions", and
-    what was met on the way: "skipped" / "cut" (one line each), "read" (images tried), "error". fill: a record
-    without an image takes the next good one of the batch (the batch keeps its size and is the same every run);
-    else it is dropped (--cache)."""
+    """Records -> a micro-batch dict. A record (FolderDataset.item, shard_record, any task's) is the item's fields,
+    e.g. "image" (3, R, R) and "caption", each tensor field stacked (B, ...) and the others listed, plus what was
+    met on the way: "skipped" / "cut" (one line each), "read" (images tried), "error". A record without "image"
+    is a skipped item; fill: its place goes to the next good record of the batch (the batch keeps its size and is
+    the same every run), else it is dropped (--cache)."""
     good = [i for i, r in enumerate(records) if "image" in r]
     out = dict(skipped=[s for r in records for s in r["skipped"]], cut=[c for r in records for c in r.get("cut", [])],
                read=sum(r["read"] for r in records), error=next((r["error"] for r in records if "error" in r), ""))
@@ -205,8 +209,9 @@ def collate(records, fill=True):
     if out["error"] or not good:
         return out
     take = [good[bisect.bisect_left(good, i) % len(good)] for i in range(len(records))] if fill else good
-    out["images"] = torch.stack([records[i]["image"] for i in take])
-    out["captions"] = [records[i]["caption"] for i in take]
+    for k in (k for k in records[good[0]] if k not in NOTES):
+        values = [records[i][k] for i in take]
+        out[k] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
 
 
@@ -237,6 +242,12 @@ class Skips:
 
 
 # ----------------------------------------------------------------------------- tar shards (webdataset layout)
+# Any task streams shards so: list_shards(spec) -> paths; check_shards(paths[rank::world], valid, what) at
+# start-up; DataLoader(ShardStream(shards, seed, batch_size, rank, world, workers, start, record, valid),
+# batch_size=None) -> collate()d micro-batches, each passed through a Skips (warnings, log.jsonl counts, the
+# MAX_BAD rule) in the training process. valid(group) -> None or why not, from the suffixes alone (a resume
+# fast-forwards without reading data); record(shard, key, group) -> a record with "image" and the task's fields,
+# or only "skipped" / "read" if it does not decode. resume_conflicts: what --resume must keep for a stream.
 
 class ShardCut(Exception):
     """A shard ends before its end-of-archive blocks: truncated (a copy or download cut short)."""
@@ -615,7 +626,7 @@ def t2i_task(cfg, bundle, env):
             micro = loader(ShardStream(shards, cfg.seed, cfg.batch_size, env.rank, env.world, cfg.workers, start,
                                        functools.partial(shard_record, cfg.resolution), t2i_valid), batch_size=None)
         for b in map(skips, micro):
-            x1, context = encode(bundle, b["images"].to(env.device, non_blocking=True), b["captions"], env.amp)
+            x1, context = encode(bundle, b["image"].to(env.device, non_blocking=True), b["caption"], env.amp)
             yield {"x1": x1, "context": context}
     prompts, grid = text_grid(cfg, bundle, env, first_captions(ds, shards))
     n, what = (len(cache), "images (cached)") if cache is not None else (len(ds), "images") if ds is not None \
@@ -786,8 +797,8 @@ def encode_cache(cfg, ds, shards, todo, paths, bundle, env, skips):
             (writers.pop(j, None) or CacheWriter(paths[j])).close()
             continue
         skips(batch)
-        if "images" in batch:
-            z, c = encode(bundle, batch["images"].to(env.device), batch["captions"], env.amp)
+        if "image" in batch:
+            z, c = encode(bundle, batch["image"].to(env.device), batch["caption"], env.amp)
             writers.setdefault(j, CacheWriter(paths[j])).append(z, c)
 
 

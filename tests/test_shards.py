@@ -54,7 +54,7 @@ def write_shards(folder, n_shards, per_shard, size=(12, 16), caption=True):
 
 
 def keys_of(batch):
-    return [int(c.split()[-1]) for c in batch["captions"]]
+    return [int(c.split()[-1]) for c in batch["caption"]]
 
 
 def stream(shards, rank=0, world=1, workers=0, start=0, batch_size=3, seed=0):
