@@ -104,6 +104,7 @@ def load_image(path, resolution):
     return x.float() / 127.5 - 1
 
 
+# ----------------------------------------------------------------------------- image folders, listed not scanned
 
 def list_folder(root):
     """Images anywhere below `root` (sorted, so the order is the same on every machine) and their NAME.txt, from
