@@ -141,22 +141,23 @@ def load_image(path, resolution, crop=None, flip=False):
     return x.float() / 127.5 - 1
 
 
+# ----------------------------------------------------------------------------- image folders, listed not scanned
 
 def list_folder(root):
     """Images anywhere below `root` (sorted, so the order is the same on every machine) and their NAME.txt, from
     the listing alone: nothing is opened. An image without a caption file is a DataError naming it."""
-    images, texts = [], set()
+    images, missing = [], []
     for d, _, files in os.walk(root):
-        for f in files:
+        texts, d = {f[:-4] for f in files if f.endswith(".txt")}, os.path.join(d, "")  # the caption stems here
+        for f in files:  # (plain string operations: a million names are listed in seconds)
             if f.lower().endswith(IMAGE_EXTS):
-                images.append(os.path.join(d, f))
-            elif f.endswith(".txt"):
-                texts.add(os.path.join(d, f[:-4]))
+                (images if f.rpartition(".")[0] in texts else missing).append(d + f)
+    images += missing  # sorted with the rest, for the message
     if not images:
         raise DataError(f"{root}: no images ({' '.join(IMAGE_EXTS)}), no metadata.jsonl and no .tar shards")
     images.sort()
-    missing = [p for p in images if os.path.splitext(p)[0] not in texts]
     if missing:
+        missing.sort()
         raise DataError(f"{root}: {len(missing)} of {len(images)} images have no caption: {_names(missing, root)}; "
                         "put NAME.txt beside each image or write a metadata.jsonl (file_name, text)")
     return images
@@ -191,7 +192,8 @@ class FolderDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: no such folder; pass a folder of images + .txt captions, a metadata.jsonl, "
                             "or .tar shards (a .tar, a folder of them, or a pattern shards/{00000..00099}.tar)")
         self.root = path if os.path.isdir(path) else os.path.dirname(path)
-        self.files, self.captions, self.resolution = np.array([os.fsencode(p) for p in images]), captions, resolution
+        self.files = np.char.encode(images, "utf-8", "surrogateescape")  # os.fsencode's bytes, at numpy's speed
+        self.captions, self.resolution = captions, resolution
 
     def __len__(self):
         return len(self.files)
@@ -229,11 +231,15 @@ class FolderDataset(torch.utils.data.Dataset):
                                   f"{self.file(i)}; run `python data.py check {self.root}`")
 
 
+NOTES = ("skipped", "cut", "read", "error")  # a record's bookkeeping; its other keys are the item
+
+
 def collate(records, fill=True):
-    """Records (FolderDataset.item, shard_record) -> a micro-batch dict: "images" (B, 3, R, R), "captions", and
-    what was met on the way: "skipped" / "cut" (one line each), "read" (images tried), "error". fill: a record
-    without an image takes the next good one of the batch (the batch keeps its size and is the same every run);
-    else it is dropped (--cache)."""
+    """Records -> a micro-batch dict. A record (FolderDataset.item, shard_record, any task's) is the item's fields,
+    e.g. "image" (3, R, R) and "caption", each tensor field stacked (B, ...) and the others listed, plus what was
+    met on the way: "skipped" / "cut" (one line each), "read" (images tried), "error". A record without "image"
+    is a skipped item; fill: its place goes to the next good record of the batch (the batch keeps its size and is
+    the same every run), else it is dropped (--cache)."""
     good = [i for i, r in enumerate(records) if "image" in r]
     out = dict(skipped=[s for r in records for s in r["skipped"]], cut=[c for r in records for c in r.get("cut", [])],
                read=sum(r["read"] for r in records), error=next((r["error"] for r in records if "error" in r), ""))
@@ -242,8 +248,9 @@ def collate(records, fill=True):
     if out["error"] or not good:
         return out
     take = [good[bisect.bisect_left(good, i) % len(good)] for i in range(len(records))] if fill else good
-    out["images"] = torch.stack([records[i]["image"] for i in take])
-    out["captions"] = [records[i]["caption"] for i in take]
+    for k in (k for k in records[good[0]] if k not in NOTES):
+        values = [records[i][k] for i in take]
+        out[k] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
 
 
@@ -274,6 +281,12 @@ class Skips:
 
 
 # ----------------------------------------------------------------------------- tar shards (webdataset layout)
+# Any task streams shards so: list_shards(spec) -> paths; check_shards(paths[rank::world], valid, what) at
+# start-up; DataLoader(ShardStream(shards, seed, batch_size, rank, world, workers, start, record, valid),
+# batch_size=None) -> collate()d micro-batches, each passed through a Skips (warnings, log.jsonl counts, the
+# MAX_BAD rule) in the training process. valid(group) -> None or why not, from the suffixes alone (a resume
+# fast-forwards without reading data); record(shard, key, group) -> a record with "image" and the task's fields,
+# or only "skipped" / "read" if it does not decode. resume_conflicts: what --resume must keep for a stream.
 
 class ShardCut(Exception):
     """A shard ends before its end-of-archive blocks: truncated (a copy or download cut short)."""
@@ -362,7 +375,7 @@ def check_shards(paths, valid, what):
         try:
             key, group = next(tar_groups(p, read=lambda: False), (None, None))
         except tarfile.ReadError as e:
-            raise DataError(f"{p}: not a tar file ({e}); --data takes {what}") from None
+            raise DataError(f"{p}: not a tar file ({e}); --data takes uncompressed tar shards of {what}") from None
         except ShardCut:  # cut before its first group ends: met (and named) when read
             continue
         if key is None:
@@ -736,6 +749,10 @@ def t2i_source(cfg, env):
     if shards is None:
         return FolderDataset(cfg.data, cfg.resolution), None
     check_shards(shards[env.rank::env.world], t2i_valid, T2I_SHARDS)
+    readers = env.world * max(cfg.workers, 1)
+    if len(shards) < readers and not cfg.cache:
+        raise DataError(f"--data {cfg.data}: {len(shards)} shard(s) for {readers} readers ({env.world} process(es) x "
+                        f"{max(cfg.workers, 1)} worker(s)), each needs one: use fewer --workers or more shards")
     return None, shards
 
 
@@ -779,8 +796,8 @@ def t2i_task(cfg, bundle, env):
             micro = loader(ShardStream(shards, cfg.seed, cfg.batch_size, env.rank, env.world, cfg.workers, start,
                                        functools.partial(shard_record, cfg.resolution), t2i_valid), batch_size=None)
         for b, where in zip(map(skips, micro), positions):
-            images = b["images"] if ds is not None else mirror(cfg, b["images"], where)  # shards: flipped here
-            x1, context = encode(bundle, images.to(env.device, non_blocking=True), b["captions"], env.amp)
+            images = b["image"] if ds is not None else mirror(cfg, b["image"], where)  # shards: flipped here
+            x1, context = encode(bundle, images.to(env.device, non_blocking=True), b["caption"], env.amp)
             yield {"x1": x1, "context": context}
     prompts, grid = text_grid(cfg, bundle, env, first_captions(ds, shards))
     n, what = (len(cache), "images (cached)") if cache is not None else (len(ds), "images") if ds is not None \
@@ -795,7 +812,7 @@ def resume_conflicts(cfg, saved, saved_world, world):
         streamed = cfg.task in ("t2i", "depth") and not cfg.cache and safe_list_shards(cfg.data) is not None
     except DataError:  # named when the task reads its data
         return []
-    was = (saved_world, max(saved.workers, 1), saved.batch_size, saved.grad_accum)
+    was = (saved_world, max(saved.workers or 0, 1), saved.batch_size, saved.grad_accum)
     now = (world, max(cfg.workers, 1), cfg.batch_size, cfg.grad_accum)
     if not streamed or was == now:
         return []
@@ -951,8 +968,8 @@ def encode_cache(cfg, ds, shards, todo, paths, bundle, env, skips):
             (writers.pop(j, None) or CacheWriter(paths[j])).close()
             continue
         skips(batch)
-        if "images" in batch:
-            z, c = encode(bundle, batch["images"].to(env.device), batch["captions"], env.amp)
+        if "image" in batch:
+            z, c = encode(bundle, batch["image"].to(env.device), batch["caption"], env.amp)
             writers.setdefault(j, CacheWriter(paths[j])).append(z, c)
 
 

@@ -364,8 +364,8 @@ def depth_valid(group):
 
 
 def shard_pair(size, shard, key, group):
-    """A depth group -> a record for data.collate, whose "image" is (4, H, W): the RGB and the normalised depth
-    stacked (centre crop), so that the generic reader batches and --random-flip mirrors both as one tensor."""
+    """A depth group -> a record for data.collate: "image" (3, H, W) and "depth" (1, H, W), the normalised log
+    depth, both centre-cropped to size (H, W) together (train_item)."""
     rgb, dep = next(s for s in RGB_SUFFIXES if s in group), "depth.npy" if "depth.npy" in group else "depth.png"
     try:
         image, d = read_image(io.BytesIO(group[rgb])), read_depth(f"{shard}:{key}.{dep}", group[dep])
@@ -375,7 +375,8 @@ def shard_pair(size, shard, key, group):
         return dict(error=f"{shard}: {key}: the image is {image.shape[1]}x{image.shape[2]} but its depth is "
                           f"{d.shape[0]}x{d.shape[1]} (HxW); write the depth map at the image's size",
                     skipped=[], read=1)
-    return dict(image=torch.cat(train_item(image, d, d > 0, size)), caption="", skipped=[], read=1)
+    image, y = train_item(image, d, d > 0, size)
+    return dict(image=image, depth=y, skipped=[], read=1)
 
 
 @torch.no_grad()
@@ -462,25 +463,25 @@ def task(cfg, bundle, env):
 
 
 def first_shard_pairs(shards, size, k=4):
-    """Up to k stacked (4, H, W) pairs from the first shard: the sample grid's."""
+    """Up to k pairs from the first shard, images (k, 3, H, W) and depth (k, 1, H, W): the sample grid's."""
     out = []
     try:
         for key, group in tar_groups(shards[0]):
             record = {} if depth_valid(group) else shard_pair(size, shards[0], key, group)
-            out += [record["image"]] if "image" in record else []
+            out += [(record["image"], record["depth"])] if "image" in record else []
             if len(out) == k:
                 break
     except ShardCut:  # named when training reads it
         pass
     if not out:
         raise DepthError(f"{shards[0]}: no usable pair among its first members; shards need {DEPTH_SHARDS}")
-    return torch.stack(out)
+    return tuple(map(torch.stack, zip(*out)))
 
 
 def shard_task(cfg, bundle, env, shards, empty):
     """--task depth on tar shards (DEPTH_SHARDS): split over ranks and workers and resumed by data.ShardStream as
-    t2i's shards are; each item the stacked image + normalised depth of shard_pair, mirrored here (--random-flip:
-    both at once), VAE-encoded per micro-batch. Damaged members and cut shards are skipped, named and counted."""
+    t2i's shards are; each item shard_pair's image + normalised depth, mirrored here (--random-flip: both by the
+    same draws), VAE-encoded per micro-batch. Damaged members and cut shards are skipped, named and counted."""
     if cfg.cache:
         raise DepthError(f"--cache: depth tar shards ({cfg.data}) are streamed; use --no-cache")
     check_shards(shards[env.rank::env.world], depth_valid, DEPTH_SHARDS)
@@ -495,11 +496,10 @@ def shard_task(cfg, bundle, env, shards, empty):
         micro = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                             generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
         for b, where in zip(map(skips, micro), positions):
-            x = mirror(cfg, b["images"], where)  # (B, 4, H, W): RGB, depth
-            x1, cond = encode_items(bundle, x[:, :3], x[:, 3:], env.amp)
+            images, y = mirror(cfg, b["image"], where), mirror(cfg, b["depth"], where)
+            x1, cond = encode_items(bundle, images, y, env.amp)
             yield {"x1": x1, "cond": cond, "context": empty.expand(len(x1), -1, -1)}
-    first = first_shard_pairs(shards, size)
-    gx1, gcond = encode_items(bundle, first[:, :3], first[:, 3:], env.amp)
+    gx1, gcond = encode_items(bundle, *first_shard_pairs(shards, size), env.amp)
 
     def grid(unet, objective, path):
         sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)

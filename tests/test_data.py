@@ -128,7 +128,7 @@ def test_a_few_corrupt_images_are_skipped_when_met_named_and_counted(tmp_path):
     # each takes the next readable image's place (the same every run): img2 for img1, img5 for img4
     ds_order = [int(os.path.basename(ds.file(i))[3:-4]) for i in range(24)]  # sorted names: img0, img1, img10, ...
     want = [ds_order[i + (ds_order[i] in (1, 4))] for i in range(24)]
-    assert [int(c.split()[1]) for b in batches for c in b["captions"]] == want
+    assert [int(c.split()[1]) for b in batches for c in b["caption"]] == want
 
 
 def test_mostly_corrupt_is_an_error_naming_files(tmp_path):

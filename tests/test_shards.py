@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -53,7 +54,7 @@ def write_shards(folder, n_shards, per_shard, size=(12, 16), caption=True):
 
 
 def keys_of(batch):
-    return [int(c.split()[-1]) for c in batch["captions"]]
+    return [int(c.split()[-1]) for c in batch["caption"]]
 
 
 def stream(shards, rank=0, world=1, workers=0, start=0, batch_size=3, seed=0):
@@ -198,7 +199,7 @@ def test_damaged_shards_in_training_are_warned_and_counted_in_the_log(tiny, tmp_
     (lambda d: write_shards(os.path.join(d, "nocap"), 1, 2, caption=False),
      r"nocap/00000\.tar: 000000: no \.txt caption; shards need KEY\.jpg\|jpeg\|png\|webp \+ KEY\.txt"),
     (lambda d: open(os.path.join(d, "x.tar"), "wb").write(b"hello" * 300) and os.path.join(d, "x.tar"),
-     r"x\.tar: not a tar file \(.*\); --data takes KEY\.jpg"),
+     r"x\.tar: not a tar file \(.*\); --data takes uncompressed tar shards of KEY\.jpg"),
 ], ids=["no-match", "no-captions", "not-a-tar"])
 def test_bad_shards_are_one_line_naming_the_file(tiny, tmp_path, make, message):
     with pytest.raises(SystemExit) as e:
@@ -249,3 +250,24 @@ def test_cache_shards_are_each_encoded_by_one_process_and_read_back_exactly(tmp_
     assert len(cache) == 12 and all(torch.equal(cache[i][0], z) and torch.equal(cache[i][1], c)
                                     for i, (z, c) in enumerate(want))
     assert set(load_file(tmp_path / "out" / "cache" / "00003.safetensors")) == {"latents", "context"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_share_the_cache_encoding_and_train(tiny, tmp_path):
+    """torchrun-style: 2 processes x 2 workers, --cache on 4 shards: each process encodes 2, both train on all."""
+    port = str(free_port())
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args(tiny[0], tiny[1], tmp_path / "ddp", "--steps", "2",
+                                                                  "--cache", "--batch-size", "1")]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "--cache: encoding 2 shard(s)" in logs[0], "rank 0 encodes 2 of the 4 shards (rank 1 the others)"
+    assert "12 images (cached)" in logs[0] and len(open(tmp_path / "ddp" / "log.jsonl").readlines()) == 2
+    assert sorted(os.listdir(tmp_path / "ddp" / "cache")) == [f"0000{j}.safetensors" for j in range(4)] + ["cache.json"]
