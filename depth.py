@@ -30,7 +30,11 @@ Ensembling (ensemble_median): --ensemble N predictions from different noise; eac
 pixelwise median by least squares (scale and shift), then the pixelwise median of the aligned members
 is the prediction and their standard deviation the uncertainty map.
 
-Data: a folder of pairs (PairDataset), as scenes.py writes it:
+Data: a folder of pairs (PairDataset), as scenes.py writes it, or several mixed (train.py --data A --data B
+--data-weights 0.9,0.1, the paper's Hypersim + Virtual KITTI 2: data.mixture_batches). Training streams them:
+DataLoader workers read each pair, resize it to cover --resolution (a side or HxW, e.g. the paper's 384x512),
+crop image and depth together (the centre or --crop random), mirror both (--random-flip), normalise the depth,
+and the VAE encodes each micro-batch (--cache: all encoded once into RAM instead, for small data like the demo):
     DIR/rgb/NAME.png|jpg        the image
     DIR/depth/NAME.png          16-bit, millimetres (0 = invalid)  -- or DIR/depth/NAME.npy, metres (0/nan/inf = invalid)
     DIR/mask/NAME.png           optional: nonzero = valid
@@ -47,8 +51,11 @@ Marigold's affine-invariant depth, is reported beside it: depth_abs_rel, depth_d
 clipped to [min, max]; then AbsRel, delta1..3 and RMSE per image, averaged over images.
 """
 import argparse
+import functools
+import io
 import os
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -62,7 +69,8 @@ import diff2flow
 import sd
 from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, remove_stale_temps,
                     rgb_array, usage_error)
-from data import TaskData, batch_indices
+from data import (ShardCut, ShardStream, Skips, TaskData, augment_keys, batch_indices, batch_positions, check_shards,
+                  crop_box, list_shards, mirror, mixture_batches, parse_resolution, parse_weights, tar_groups)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
@@ -201,7 +209,7 @@ def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None)
     H, W = image.shape[1:]
     vae, unet = bundle.vae, bundle.unet
     device = next(unet.parameters()).device
-    res = res or int(bundle.meta.get("resolution", 64))
+    res = res or max(parse_resolution(bundle.meta.get("resolution", 64)))  # the longer side
     h, w = processing_size(H, W, res, size_multiple(bundle))
     x = F.interpolate(image[None].float(), (h, w), mode="bilinear", antialias=True, align_corners=False)
     cond = vae.encode(x.to(device, next(vae.parameters()).dtype)).float()  # (1, 4, h/f, w/f)
@@ -257,13 +265,15 @@ def read_image(path):
     return torch.from_numpy(a.clip(0, 1)).permute(2, 0, 1).float() * 2 - 1
 
 
-def read_depth(path):
-    """depth/NAME.png (16-bit millimetres) or .npy (metres) -> (H, W) float32 metres; 0 where invalid."""
+def read_depth(path, raw=None):
+    """depth/NAME.png (16-bit millimetres) or .npy (metres) -> (H, W) float32 metres; 0 where invalid. raw: the
+    file's bytes (a tar member; `path` then names it)."""
+    src = io.BytesIO(raw) if raw is not None else path
     try:
         if path.endswith(".npy"):
-            d = np.load(path, allow_pickle=False).astype(np.float32)
+            d = np.load(src, allow_pickle=False).astype(np.float32)
         else:
-            with Image.open(path) as im:
+            with Image.open(src) as im:
                 d = np.asarray(im, dtype=np.float32)
                 if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
                     raise DepthError(f"{path}: a {im.mode} PNG; depth PNGs must be 16-bit millimetres")
@@ -278,37 +288,46 @@ def read_depth(path):
 
 class PairDataset:
     """A pair folder (module docstring): item i -> (image (3, H, W) in [-1, 1], depth (H, W) metres,
-    valid (H, W) bool), at the files' own size."""
+    valid (H, W) bool), at the files' own size. Start-up costs two listings; the names are kept as numpy string
+    arrays, no Python object per pair (whose refcounts forked DataLoader workers would copy on write)."""
 
     def __init__(self, root):
         self.root = os.fspath(root)
         rgb = os.path.join(self.root, "rgb")
         if not os.path.isdir(rgb) or not os.path.isdir(os.path.join(self.root, "depth")):
-            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python toy/scenes.py --out DIR writes one)")
+            raise DepthError(f"{self.root}: not a pair folder: it needs rgb/ and depth/ (python toy/scenes.py --out "
+                             "DIR writes one)")
         names = sorted(f for f in os.listdir(rgb) if f.lower().endswith(IMAGE_EXTS))
-        self.items = [(os.path.join(rgb, f), self._depth_file(os.path.splitext(f)[0])) for f in names]
-        missing = [os.path.basename(r) for r, d in self.items if d is None]
+        depth_names = set(os.listdir(os.path.join(self.root, "depth")))  # one listing, not a stat per pair
+        stems = [f.rpartition(".")[0] for f in names]
+        depth = [s + ".png" if s + ".png" in depth_names else s + ".npy" if s + ".npy" in depth_names else None
+                 for s in stems]
+        missing = [f for f, d in zip(names, depth) if d is None]
         if missing:
             raise DepthError(f"{self.root}: {len(missing)} images have no depth/NAME.png or .npy: "
                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if not self.items:
+        if not names:
             raise DepthError(f"{self.root}: rgb/ holds no images ({' '.join(IMAGE_EXTS)})")
+        self.rgb, self.depth = np.array(names), np.array(depth)
 
-    def _depth_file(self, stem):
-        for ext in (".png", ".npy"):
-            p = os.path.join(self.root, "depth", stem + ext)
-            if os.path.isfile(p):
-                return p
-        return None
+    @property
+    def items(self):
+        """(rgb path, depth path) of every pair."""
+        return [self.paths(i) for i in range(len(self))]
+
+    def paths(self, i):
+        return os.path.join(self.root, "rgb", str(self.rgb[i])), os.path.join(self.root, "depth", str(self.depth[i]))
 
     def __len__(self):
-        return len(self.items)
+        return len(self.rgb)
 
     def __getitem__(self, i):
-        rgb_path, depth_path = self.items[i]
+        rgb_path, depth_path = self.paths(i)
         image, depth = read_image(rgb_path), read_depth(depth_path)
         if image.shape[1:] != depth.shape:
-            raise DepthError(f"{rgb_path}: image {tuple(image.shape[1:])} and depth {tuple(depth.shape)} differ in size")
+            h, w = image.shape[1:]
+            raise DepthError(f"{rgb_path}: the image is {h}x{w} but its depth {depth_path} is {depth.shape[0]}x"
+                             f"{depth.shape[1]} (HxW); write the depth map at the image's size (or resize both)")
         valid = depth > 0
         mask = os.path.join(self.root, "mask", os.path.splitext(os.path.basename(rgb_path))[0] + ".png")
         if os.path.isfile(mask):
@@ -317,54 +336,207 @@ class PairDataset:
         return image, depth, valid
 
 
+def fit(x, size, mode, crop=None, flip=False):
+    """(C, H, W) -> (C, h, w), size = (h, w): resized (aspect kept) to cover it, cropped (data.crop_box: the
+    centre, or where `crop` puts it), mirrored left-right if `flip`; nearest for depth and masks (no blends)."""
+    (H, W), (h, w) = x.shape[1:], size
+    s = max(h / H, w / W)
+    rh, rw = max(h, round(H * s)), max(w, round(W * s))
+    kw = dict(mode="bilinear", antialias=True, align_corners=False) if mode == "bilinear" else dict(mode="nearest")
+    y = F.interpolate(x[None].float(), (rh, rw), **kw)[0]
+    left, top = crop_box(rw, rh, w, h, crop)
+    y = y[:, top:top + h, left:left + w]
+    return y.flip(-1) if flip else y
+
+
 def square(x, resolution, mode):
     """(C, H, W) -> (C, R, R): shorter side resized to R, centre crop (nearest for depth and masks)."""
-    H, W = x.shape[1:]
-    s = resolution / min(H, W)
-    h, w = max(resolution, round(H * s)), max(resolution, round(W * s))
-    kw = dict(mode="bilinear", antialias=True, align_corners=False) if mode == "bilinear" else dict(mode="nearest")
-    y = F.interpolate(x[None].float(), (h, w), **kw)[0]
-    top, left = (h - resolution) // 2, (w - resolution) // 2
-    return y[:, top:top + resolution, left:left + resolution]
+    return fit(x, (resolution, resolution), mode)
+
+
+class TrainItems(torch.utils.data.Dataset):
+    """The training items of one or several pair folders at `size` (H, W): key ((source, i), crop, flip), as
+    data.augment_keys makes them -> (image (3, H, W) in [-1, 1], normalised log depth (1, H, W)), the image and
+    its depth (and mask) cropped and mirrored together. Read and normalised here (DataLoader workers); the
+    VAE encodes them per micro-batch."""
+
+    def __init__(self, sources, size, norm="ours"):
+        self.sources, self.size, self.norm = sources, size, norm
+
+    def __len__(self):
+        return sum(map(len, self.sources))
+
+    def __getitem__(self, key):
+        (source, i), crop, flip = key
+        return train_item(*self.sources[source][i], self.size, crop, flip, self.norm)
+
+
+def train_item(image, d, valid, size, crop=None, flip=False, norm="ours"):
+    """A pair at its own size -> (image (3, H, W), normalised log depth (1, H, W)) at size (H, W): both resized
+    to cover it and cropped and mirrored alike (fit), then the depth normalised over its valid pixels."""
+    image = fit(image, size, "bilinear", crop, flip)
+    d, valid = fit(d[None], size, "nearest", crop, flip), fit(valid[None], size, "nearest", crop, flip)
+    return image, normalize_depth(d[None], valid[None] > 0.5, norm)[0]
+
+
+# Depth tar shards, read by data.py's generic reader (tar_groups, ShardStream) as t2i's are: members grouped by
+# key (up to the file name's first dot), KEY.rgb.* the image and KEY.depth.png (16-bit mm) or .npy (m) its depth.
+DEPTH_SHARDS = "KEY.rgb.png|jpg|jpeg|webp + KEY.depth.png (16-bit mm) or KEY.depth.npy (metres) per pair"
+RGB_SUFFIXES = ("rgb.png", "rgb.jpg", "rgb.jpeg", "rgb.webp")
+
+
+def depth_valid(group):
+    """Why a shard's group is no depth pair (None: it is one)."""
+    if not any(s in group for s in RGB_SUFFIXES):
+        return "no KEY.rgb.png|jpg|jpeg|webp"
+    return None if "depth.png" in group or "depth.npy" in group else "no KEY.depth.png or KEY.depth.npy"
+
+
+def shard_pair(size, shard, key, group, norm="ours"):
+    """A depth group -> a record for data.collate: "image" (3, H, W) and "depth" (1, H, W), the normalised log
+    depth, both centre-cropped to size (H, W) together (train_item)."""
+    rgb, dep = next(s for s in RGB_SUFFIXES if s in group), "depth.npy" if "depth.npy" in group else "depth.png"
+    try:
+        image, d = read_image(io.BytesIO(group[rgb])), read_depth(f"{shard}:{key}.{dep}", group[dep])
+    except DepthError as e:  # a damaged member: skipped and named, as a t2i shard's
+        return dict(skipped=[f"{shard}: {key}: {e}; skipped"], read=1)
+    if image.shape[1:] != d.shape:
+        return dict(error=f"{shard}: {key}: the image is {image.shape[1]}x{image.shape[2]} but its depth is "
+                          f"{d.shape[0]}x{d.shape[1]} (HxW); write the depth map at the image's size",
+                    skipped=[], read=1)
+    image, y = train_item(image, d, d > 0, size, norm=norm)
+    return dict(image=image, depth=y, skipped=[], read=1)
 
 
 @torch.no_grad()
-def encode_pairs(bundle, ds, resolution, batch=64, norm="ours"):
-    """Every pair at resolution x resolution -> depth latents x1 (N, 4, r, r) (normalize_depth's `norm`) and image
-    latents (N, 4, r, r), on the CPU (--task depth encodes its data once: the demo's is small)."""
-    x1, cond = [], []
+def encode_items(bundle, images, y, amp):
+    """A micro-batch: images (B, 3, H, W), normalised depth (B, 1, H, W) -> depth latents x1 and image latents
+    cond, (B, 4, H/f, W/f) each, on the VAE's device."""
+    p = next(bundle.vae.parameters())
+    with amp():
+        return encode_depth(bundle.vae, y.to(p.device)), bundle.vae.encode(images.to(p.device, p.dtype)).float()
+
+
+def worker_error(e):
+    """A DepthError raised in a DataLoader worker carries the worker's traceback: its last line is the message."""
+    last = str(e).strip().splitlines()[-1]
+    return last.partition(": ")[2] if last.split(":")[0].endswith("DepthError") else last
+
+
+@torch.no_grad()
+def encode_pairs(bundle, ds, resolution, batch=64, amp=nullcontext, norm="ours"):
+    """Every pair of `ds` (a PairDataset) at resolution (a side or "HxW", centre crop) -> depth latents x1
+    (N, 4, h, w) and image latents cond (N, 4, h, w) on the CPU: --cache, for small data such as the demo's."""
+    items, x1, cond = TrainItems([ds], parse_resolution(resolution), norm), [], []
     for start in tqdm(range(0, len(ds), batch), desc="encoding depth pairs", dynamic_ncols=True):
-        items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
-        images = torch.stack([square(im, resolution, "bilinear") for im, _, _ in items])
-        depth = torch.stack([square(d[None], resolution, "nearest") for _, d, _ in items])
-        valid = torch.stack([square(v[None], resolution, "nearest") > 0.5 for _, _, v in items])
-        p = next(bundle.vae.parameters())
-        x1.append(encode_depth(bundle.vae, normalize_depth(depth, valid, norm).to(p.device)).cpu())
-        cond.append(bundle.vae.encode(images.to(p.device, p.dtype)).float().cpu())
+        keys = [((0, i), None, False) for i in range(start, min(start + batch, len(ds)))]
+        images, y = map(torch.stack, zip(*(items[k] for k in keys)))
+        z, c = encode_items(bundle, images, y, amp)
+        x1.append(z.cpu()), cond.append(c.cpu())
     return torch.cat(x1), torch.cat(cond)
 
 
+def item_keys(cfg, sizes, position, env):
+    """This process's micro-batches as TrainItems keys from stream position `position`: one folder in
+    data.batch_indices' order, several by data.mixture_batches (--data-weights, else their sizes)."""
+    if len(sizes) == 1:
+        batches = ([(0, i) for i in idx] for idx in batch_indices(cfg, sizes[0], position, env.rank, env.world))
+    else:
+        weights = parse_weights(cfg.data_weights, len(sizes)) or sizes
+        batches = mixture_batches(cfg, sizes, weights, position, env.rank, env.world)
+    return map(functools.partial(augment_keys, cfg), batches, batch_positions(cfg, position, env.rank, env.world))
+
+
 def task(cfg, bundle, env):
-    """--task depth: (image, depth) pairs from --data (PairDataset), encoded once: x1 = the depth latent,
-    cond = the image latent, context = the empty prompt. The prior's UNet gets its first conv widened to take
-    both (expand_first_conv); a depth model given as --ckpt is trained on as it is."""
+    """--task depth: (image, depth) pairs from --data (PairDataset; several folders mixed), x1 = the depth latent,
+    cond = the image latent, context = the empty prompt. Streamed: read, cropped (--crop), mirrored
+    (--random-flip) by DataLoader workers and VAE-encoded per micro-batch; --cache: all encoded once, in RAM
+    (the demo). The prior's UNet gets its first conv widened to take both (expand_first_conv); a depth model
+    given as --ckpt is trained on as it is."""
     ucfg = bundle.unet.cfg
     if ucfg.in_channels == ucfg.out_channels:
         expand_first_conv(bundle.unet)
     check_depth_model(bundle, cfg.ckpt)
-    ds = PairDataset(cfg.data)
-    with env.amp():
-        x1, cond = encode_pairs(bundle, ds, cfg.resolution, norm=cfg.depth_norm)
     empty = bundle.encode_prompt([""]).float().to(env.device)  # (1, 77, width), the only text
+    shards = list_shards(cfg.data) if isinstance(cfg.data, str) else None
+    if shards is not None:
+        return shard_task(cfg, bundle, env, shards, empty)
+    sources = [PairDataset(d) for d in (cfg.data if isinstance(cfg.data, list) else [cfg.data])]
+    sizes, size = [len(ds) for ds in sources], parse_resolution(cfg.resolution)
+    cache = [encode_pairs(bundle, ds, cfg.resolution, amp=env.amp, norm=cfg.depth_norm) for ds in sources] \
+        if cfg.cache else None
+    items = TrainItems(sources, size, cfg.depth_norm)
 
     def batches(position):
-        for idx in map(torch.tensor, batch_indices(cfg, len(ds), position, env.rank, env.world)):
-            yield {"x1": x1[idx].to(env.device), "cond": cond[idx].to(env.device),
-                   "context": empty.expand(len(idx), -1, -1)}
+        keys = item_keys(cfg, sizes, position, env)
+        if cache is not None:
+            for batch in keys:
+                x1, cond = (torch.stack([cache[s][k][i] for (s, i), _, _ in batch]) for k in (0, 1))
+                yield {"x1": x1.to(env.device), "cond": cond.to(env.device),
+                       "context": empty.expand(len(batch), -1, -1)}
+            return
+        loader = torch.utils.data.DataLoader(items, batch_sampler=keys, num_workers=cfg.workers,
+                                             generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
+        try:
+            for images, y in loader:
+                x1, cond = encode_items(bundle, images, y, env.amp)
+                yield {"x1": x1, "cond": cond, "context": empty.expand(len(x1), -1, -1)}
+        except DepthError as e:
+            fail(worker_error(e))
+
+    first = [items[((0, i), None, False)] for i in range(min(4, sizes[0]))]  # the grid's pairs, centre crops
+    gx1, gcond = encode_items(bundle, *map(torch.stack, zip(*first)), env.amp)
 
     def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
-        sample_grid(bundle, unet, objective, x1[:4].to(env.device), cond[:4].to(env.device), empty, path, env.amp)
-    return TaskData(len(ds), batches, [""], grid, "depth pairs", meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm))
+        sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
+    return TaskData(sum(sizes), batches, [""], grid, "depth pairs",
+                    meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm))
+
+
+def first_shard_pairs(shards, size, norm, k=4):
+    """Up to k pairs from the first shard, images (k, 3, H, W) and depth (k, 1, H, W): the sample grid's."""
+    out = []
+    try:
+        for key, group in tar_groups(shards[0]):
+            record = {} if depth_valid(group) else shard_pair(size, shards[0], key, group, norm)
+            out += [(record["image"], record["depth"])] if "image" in record else []
+            if len(out) == k:
+                break
+    except ShardCut:  # named when training reads it
+        pass
+    if not out:
+        raise DepthError(f"{shards[0]}: no usable pair among its first members; shards need {DEPTH_SHARDS}")
+    return tuple(map(torch.stack, zip(*out)))
+
+
+def shard_task(cfg, bundle, env, shards, empty):
+    """--task depth on tar shards (DEPTH_SHARDS): split over ranks and workers and resumed by data.ShardStream as
+    t2i's shards are; each item shard_pair's image + normalised depth, mirrored here (--random-flip: both by the
+    same draws), VAE-encoded per micro-batch. Damaged members and cut shards are skipped, named and counted."""
+    if cfg.cache:
+        raise DepthError(f"--cache: depth tar shards ({cfg.data}) are streamed; use --no-cache")
+    check_shards(shards[env.rank::env.world], depth_valid, DEPTH_SHARDS)
+    size, skips = parse_resolution(cfg.resolution), Skips(cfg.data)
+    record = functools.partial(shard_pair, size, norm=cfg.depth_norm)
+
+    def batches(position):
+        positions = batch_positions(cfg, position, env.rank, env.world)
+        start = position // (cfg.batch_size * cfg.grad_accum * env.world) * cfg.grad_accum  # micro-batches done
+        stream = ShardStream(shards, cfg.seed, cfg.batch_size, env.rank, env.world, cfg.workers, start, record,
+                             depth_valid)
+        micro = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                            generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
+        for b, where in zip(map(skips, micro), positions):
+            images, y = mirror(cfg, b["image"], where), mirror(cfg, b["depth"], where)
+            x1, cond = encode_items(bundle, images, y, env.amp)
+            yield {"x1": x1, "cond": cond, "context": empty.expand(len(x1), -1, -1)}
+    gx1, gcond = encode_items(bundle, *first_shard_pairs(shards, size, cfg.depth_norm), env.amp)
+
+    def grid(unet, objective, path):
+        sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
+    return TaskData(len(shards), batches, [""], grid, "depth tar shards (streamed)",
+                    meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm),
+                    counts=skips.counts)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -508,7 +680,7 @@ def main(argv=None):
     context = bundle.encode_prompt([""])
     os.makedirs(a.out, exist_ok=True)
     remove_stale_temps(a.out)  # the temp files of killed writers (dead pids only)
-    res = a.processing_res or int(bundle.meta.get("resolution", 64))
+    res = a.processing_res or max(parse_resolution(bundle.meta.get("resolution", 64)))
     info = {"model": bundle.name, "objective": bundle.objective, "steps": a.steps, "ensemble": a.ensemble,
             "seed": a.seed, "processing_res": res, "depth": "relative log depth r in [0, 1], 0 = near",
             "colormap": "Spectral, near = red"}

@@ -22,7 +22,10 @@ then rename), and a rerun makes only the missing shards: a killed generation con
 an uninterrupted one. Under torchrun, rank r of w makes shards r, r + w, ... . OUT/pairs.json records the
 settings (teacher, steps, cfg, seed, ...): other settings in the same folder are an error, never a mix.
 
-Step two, training (train.py --task reflow): the Diff2Flow objective on the FIXED pairs, x_t = t x_1 + (1-t) x_0,
+Step two, training (train.py --task reflow): the pairs are streamed from their shards (PairShards: each
+micro-batch's pairs read as needed, only those rows, by the rank that trains on them; memory does not grow with
+--n-pairs, ~236 GB for the paper's 1.8M SD1.5 pairs in RAM) in the same order as ever, and
+the Diff2Flow objective on the FIXED pairs, x_t = t x_1 + (1-t) x_0,
 target x_1 - x_0, by default with the paper's rank-64 LoRA (--lora small; rank 16 for the tiny demo, whose UNet
 is 32-64 wide) or full. The student learns the GUIDED flow, so it is sampled without CFG (cfg 1: one UNet call per
 step, half the teacher's cost per step) and trained without caption dropout: an empty-prompt branch would be
@@ -43,14 +46,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cpu_fast
 import diff2flow
 import sd
 from common import DefaultsOnce, atomic_path, fail, one_line_warnings, usage_error
-from data import TaskData, batch_indices, text_grid
+from data import TaskData, batch_indices, parse_resolution, resolution_value, text_grid
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_TEACHER = os.path.join(ROOT, "assets", "demo", "d2f_tiny.safetensors")
@@ -68,7 +71,7 @@ class PairSpec:
     cfg: float = 7.5
     seed: int = 0
     shard_size: int = SHARD_SIZE
-    resolution: int = 32
+    resolution: int = 32  # or "HxW" (data.resolution_value)
     prompt_use: str = "in order"  # pair j takes line j (earlier versions drew lines at random: not continued)
 
 
@@ -101,8 +104,9 @@ def storage_dtype(shape):
 
 
 def latent_shape(bundle, resolution):
-    f = bundle.vae.downsample
-    return (bundle.unet.cfg.out_channels, resolution // f, resolution // f)
+    """(C, H/f, W/f) of --resolution (a side, or "HxW")."""
+    f, (H, W) = bundle.vae.downsample, parse_resolution(resolution)
+    return (bundle.unet.cfg.out_channels, H // f, W // f)
 
 
 def check_manifest(folder, spec):
@@ -161,21 +165,56 @@ class Pairs:
         return len(self.prompts)
 
 
+class PairShards:
+    """The first n pairs of a complete pairs folder, streamed: pair j is row j % S of shard j // S. read(idx)
+    returns those pairs only, each shard they fall in opened once (safetensors safe_open, which maps the file:
+    only the rows asked for are read) and nothing kept between calls, so memory does not grow with n and each
+    DDP rank reads only its own micro-batches' pairs. Folders of every earlier version load (same format)."""
+
+    def __init__(self, folder, n):
+        try:
+            with open(os.path.join(folder, "pairs.json")) as f:
+                self.spec = PairSpec(**json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            fail(f"{folder}: no readable pairs.json ({e}); make the pairs first (python reflow.py pairs, or train.py "
+                 "--task reflow)")
+        self.folder, self.n, self.peak_rows = folder, n, 0  # peak_rows: the most pairs one read held
+        names = set(os.listdir(folder))  # one listing, not a stat or an open per shard
+        missing = [i for i in range(n_shards(n, self.spec.shard_size)) if os.path.basename(shard_path(folder, i))
+                   not in names]
+        if missing:
+            fail(f"{shard_path(folder, missing[0])} is missing ({len(missing)} shard(s) in all): make the pairs "
+                 "first (python reflow.py pairs, or train.py --task reflow)")
+
+    def __len__(self):
+        return self.n
+
+    def read(self, idx):
+        """Pairs idx -> noise, x1 (len(idx), C, h, w) float32 and their prompts, in the order of idx."""
+        idx, S = [int(j) for j in idx], self.spec.shard_size
+        by_shard, rows = {}, [None] * len(idx)
+        for k, j in enumerate(idx):
+            by_shard.setdefault(j // S, []).append((k, j % S))
+        for i, wanted in sorted(by_shard.items()):
+            path = shard_path(self.folder, i)
+            try:
+                with safe_open(path, "pt") as f:
+                    texts, noise = json.loads(f.metadata()["prompts"]), f.get_slice("noise")
+                    latent = f.get_slice("latent")
+                    for k, r in wanted:
+                        rows[k] = noise[r:r + 1], latent[r:r + 1], texts[r]
+            except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+                fail(f"{path}: cannot read this pairs shard ({type(e).__name__}: {e}); delete it and run python "
+                     "reflow.py pairs (or train.py --task reflow) again to remake it")
+        self.peak_rows = max(self.peak_rows, len(rows))
+        noise, x1, prompts = zip(*rows)
+        return torch.cat(noise).float(), torch.cat(x1).float(), list(prompts)
+
+
 def load_pairs(folder, n):
-    """The first n pairs of a complete folder (float32)."""
-    with open(os.path.join(folder, "pairs.json")) as f:
-        spec = PairSpec(**json.load(f))
-    noise, x1, prompts = [], [], []
-    for i in range(n_shards(n, spec.shard_size)):
-        path = shard_path(folder, i)
-        if not os.path.exists(path):
-            fail(f"{path} is missing: make the pairs first (python reflow.py pairs, or train.py --task reflow)")
-        with safe_open(path, "pt") as f:
-            prompts += json.loads(f.metadata()["prompts"])
-        t = load_file(path)
-        noise.append(t["noise"].float())
-        x1.append(t["latent"].float())
-    return Pairs(torch.cat(noise)[:n], torch.cat(x1)[:n], prompts[:n])
+    """The first n pairs of a complete folder (float32), all in memory: for evaluations and tests; training
+    streams them (PairShards)."""
+    return Pairs(*PairShards(folder, n).read(range(n)))
 
 
 def read_prompt_file(path):
@@ -214,16 +253,17 @@ def task(cfg, bundle, env):
                    env.master)
     if env.world > 1:
         torch.distributed.barrier()  # every rank's shards are written
-    pairs = load_pairs(cfg.pairs, cfg.n_pairs)
+    pairs = PairShards(cfg.pairs, cfg.n_pairs)  # streamed: this rank's micro-batches are read as they are needed
 
     def batches(position):
-        for idx in map(torch.tensor, batch_indices(cfg, len(pairs), position, env.rank, env.world)):
+        for idx in batch_indices(cfg, len(pairs), position, env.rank, env.world):
+            noise, x1, prompts = pairs.read(idx)
             with torch.no_grad(), env.amp():
-                context = bundle.encode_prompt([pairs.prompts[i] for i in idx]).float().to(env.device)
-            yield {"x1": pairs.x1[idx].to(env.device), "noise": pairs.noise[idx].to(env.device), "context": context}
+                context = bundle.encode_prompt(prompts).float().to(env.device)
+            yield {"x1": x1.to(env.device), "noise": noise.to(env.device), "context": context}
     meta = dict(steps=STUDENT_STEPS, cfg=STUDENT_CFG, teacher_steps=spec.steps, teacher_cfg=spec.cfg,
                 n_pairs=len(pairs))
-    prompts, grid = text_grid(cfg, bundle, env, pairs.prompts[:4], STUDENT_STEPS, STUDENT_CFG)
+    prompts, grid = text_grid(cfg, bundle, env, pairs.read(range(min(4, len(pairs))))[2], STUDENT_STEPS, STUDENT_CFG)
     return TaskData(len(pairs), batches, prompts, grid, "pairs", meta=meta)
 
 
@@ -232,7 +272,10 @@ def task(cfg, bundle, env):
 
 def cmd_pairs(a):
     bundle = sd.load(a.ckpt, device=a.device)
-    res = a.resolution or int(bundle.meta.get("resolution", 512))
+    try:
+        res = resolution_value(a.resolution or bundle.meta.get("resolution", 512))
+    except ValueError as e:
+        usage_error(str(e))
     spec, prompt_list = pair_spec(bundle, os.path.abspath(a.ckpt) if os.path.exists(a.ckpt) else a.ckpt, a.prompts,
                                   a.steps, a.cfg, a.seed, a.shard_size, res)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun: disjoint shards
@@ -257,7 +300,7 @@ def main(argv=None):
     g.add_argument("--cfg", type=float, help="teacher's guidance (None: its metadata 'cfg', else 7.5)")
     g.add_argument("--seed", type=int, default=0, help="shard i's noise and prompts come from (seed, i)")
     g.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="pairs per shard = per teacher batch")
-    g.add_argument("--resolution", type=int, help="pixels (None: the teacher's metadata, else 512)")
+    g.add_argument("--resolution", help="pixels, a side or HxW (None: the teacher's metadata, else 512)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1 (CUDA: bf16 autocast, as train.py)")
     g.set_defaults(run=cmd_pairs)

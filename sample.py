@@ -22,6 +22,7 @@ import diff2flow
 import sd
 from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, remove_stale_temps,
                     usage_error)
+from data import parse_resolution
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 DEMO = os.path.join(DEMO_DIR, "reflow_tiny.safetensors")  # the demo's reflowed model: 4 steps, no CFG (reflow.py)
@@ -148,15 +149,16 @@ def check_model(args, bundle):
 
 def image_size(args, bundle, meta):
     """(H, W): the flags, else the checkpoint's native size; each a multiple of what the model needs."""
-    native = int(meta.get("resolution", 768 if bundle.version == "sd2" and bundle.prediction == "v" else 512))
+    native = parse_resolution(meta.get("resolution", 768 if bundle.version == "sd2" and bundle.prediction == "v"
+                                       else 512))
     f, levels = bundle.vae.downsample, len(bundle.unet.cfg.channel_mult)
     need = f * 2 ** (levels - 1)  # the UNet halves the latent levels-1 times and its skips must line up
-    for name in ("height", "width"):
-        size = getattr(args, name) or native
+    for name, side in zip(("height", "width"), native):  # metadata "HxW" (train.py --resolution 384x512): its sides
+        size = getattr(args, name) or side
         if size < 1 or size % need:
             usage_error(f"--{name} {size} must be a positive multiple of {need} for this model "
                  f"(VAE factor {f} x UNet downsampling {need // f})")
-    return args.height or native, args.width or native
+    return args.height or native[0], args.width or native[1]
 
 
 def to_uint8(vae, z):

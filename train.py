@@ -60,7 +60,9 @@ class TrainConfig:  # None: the preset's value
     preset: str = arg(None, "named settings for every option not given (end of --help)")
     recipe: str = arg(None, "a paper run (README 'Paper recipes'): values for every option not given", choices=list(RECIPES))
     ckpt: str = arg(None, "model to fine-tune (reflow: the teacher): anything sd.load takes")
-    data: str = arg(None, "t2i: images + .txt captions or a metadata.jsonl; depth: rgb/ + depth/ (depth.py)")
+    data: str = arg(None, "t2i: images + .txt captions, a metadata.jsonl or tar shards (data.py); depth: rgb/ + depth/ "
+                    "(depth.py); depth mixes several: --data A --data B", action=data.Sources)
+    data_weights: str = arg("", "depth: the sources' weights, e.g. 0.9,0.1 (default: their sizes)")
     out: str = arg(None, "output folder")
     objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
     fm_time: str = arg("fm", "--objective fm: the UNet's time is t_FM (official) or (1 - t_FM)(T - 1)",
@@ -71,7 +73,9 @@ class TrainConfig:  # None: the preset's value
     lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a width fraction (0.2); '' = full fine-tuning")
     lora_full: str = arg("first,last", "with --lora, layers trained fully beside it: first,last (the paper's first "
                          "conv + output block), first, or none (a pure LoRA that every tool loads exactly)")
-    resolution: int = arg(None, "image side in pixels: shorter side resized, centre crop (else: the checkpoint's)")
+    resolution: str = arg(None, "pixels: a side (512) or HxW (384x512); resized to cover, cropped (else: the ckpt's)")
+    crop: str = arg("center", "where the crop to --resolution is taken", choices=["center", "random"])
+    random_flip: bool = arg(False, "mirror half the images left-right (depth: with their depth maps)")
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes")
     grad_accum: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(None, "peak learning rate (the preset's lora_lr with --lora)")
@@ -95,7 +99,8 @@ class TrainConfig:  # None: the preset's value
     sample_every: int = arg(None, "write a sample grid every N steps (0 = never)")
     sample_prompts: str = arg("", "file with one prompt per line for the grids (default: the first 4 captions)")
     tensorboard: bool = arg(False, "also log to --out/tensorboard (pip install tensorboard); else see samples/loss.png")
-    cache: bool = arg(None, "t2i: encode every image and caption once (--out/cache.pt), then run only the UNet")
+    cache: bool = arg(None, "encode every image (and depth map) and caption once (t2i: --out/cache/ shards), then "
+                      "run only the UNet")
     bf16: bool = arg(None, "bf16 autocast, fp32 master weights (default: on for CUDA)")
     compile: bool = arg(False, "torch.compile the UNet")
     grad_checkpointing: bool = arg(False, "recompute UNet activations in backward: less memory, ~30-40%% slower")
@@ -107,10 +112,10 @@ class TrainConfig:  # None: the preset's value
     print_config: bool = arg(False, "print the resolved settings as JSON and exit (loads nothing)")
 
 
-SAME_ON_RESUME = ("task", "ckpt", "data", "objective", "fm_time", "t_sampling", "prediction", "lora", "resolution",
-                  "lr", "warmup", "optimizer", "weight_decay", "grad_clip", "ema", "ema_warmup", "caption_dropout",
-                  "zero_terminal_snr", "depth_norm", "seed", "pairs", "n_pairs", "prompts", "teacher_steps", "teacher_cfg",
-                  "bf16", "compile", "lora_full")  # the rest, e.g. --steps, may change
+SAME_ON_RESUME = ("task", "ckpt", "data", "data_weights", "objective", "fm_time", "t_sampling", "prediction", "lora",
+                  "lora_full", "resolution", "crop", "random_flip", "lr", "warmup", "optimizer", "weight_decay",
+                  "grad_clip", "ema", "ema_warmup", "caption_dropout", "zero_terminal_snr", "depth_norm", "seed",
+                  "pairs", "n_pairs", "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile")  # others may change
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -125,9 +130,8 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig):
-    """Options not given <- the recipe, then the preset (common.resolve_settings; resolution else from the
-    checkpoint's metadata), then the mistakes we can name before loading anything (exit status 2). Paths become
-    absolute: they are recorded."""
+    """Options not given <- the recipe, then the preset (common.resolve_settings), then the mistakes we can name
+    before loading anything (exit status 2); data.check_options: resolution, sources, absolute paths (recorded)."""
     resolve_settings(cfg, PRESETS, RECIPES, int(os.environ.get("WORLD_SIZE", 1)))  # --print-config exits here
     if not cfg.ckpt:
         usage_error(f"--preset {cfg.preset} needs --ckpt: an SD 1.x/2.x checkpoint (.safetensors/.ckpt), a "
@@ -136,10 +140,9 @@ def check_config(cfg: TrainConfig):
         fail(f"no --ckpt given and the demo model {os.path.relpath(cfg.ckpt)} is missing; pass --ckpt with an SD "
              "1.x/2.x checkpoint (or make the demo: toy/make_demo.sh)")
     meta = sd.safetensors_metadata(cfg.ckpt) if os.path.isfile(cfg.ckpt) and cfg.ckpt.endswith(".safetensors") else {}
-    cfg.resolution = cfg.resolution or int(meta.get("resolution", 512))
     cfg.threads = cfg.threads or (1 if cfg.device == "cpu" else torch.get_num_threads())
     for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("save_every", 0),
-                      ("sample_every", 0), ("workers", 0), ("resolution", 8), ("keep", 1)):
+                      ("sample_every", 0), ("workers", 0), ("keep", 1)):
         if getattr(cfg, name) < low:
             usage_error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if not 0 <= cfg.caption_dropout <= 1 or not 0 <= cfg.ema < 1 or not 0 < cfg.lr < 1e30:
@@ -149,16 +152,15 @@ def check_config(cfg: TrainConfig):
     if cfg.task == "reflow" and (not cfg.prompts or cfg.n_pairs < 1 or cfg.teacher_steps < 1):
         usage_error("--task reflow needs --prompts FILE (one prompt per line); --n-pairs and --teacher-steps "
                     "must be >= 1")
-    if cfg.task != "reflow" and not cfg.data:
-        usage_error("--data is required: " + ("a pair folder, rgb/ + depth/ (depth.py)" if cfg.task == "depth"
-                                              else "a folder of images with .txt captions, or a metadata.jsonl"))
+    data.check_args(cfg)
     cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
-    (cfg.data, make_data), (cfg.prompts, make_prompts) = data.demo(cfg.data, cfg.resolution), data.demo(cfg.prompts, 0)
-    absolute = lambda p: os.path.abspath(p) if p and os.path.exists(p) else p  # else a repo id
-    cfg.ckpt, cfg.data, cfg.prompts = absolute(cfg.ckpt), absolute(cfg.data), absolute(cfg.prompts)
+    cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a repo id
     cfg.pairs = os.path.abspath(cfg.pairs or os.path.join(cfg.out, "pairs")) if cfg.task == "reflow" else cfg.pairs
     lora_cfg = lora.config_from_args(cfg.lora, cfg.lora_full, cfg.task) if cfg.lora else None
-    return lora_cfg, [m for m in (make_data, make_prompts) if m]
+    try:  # the data options (data.check_options: resolution, sources, augmentation; the demo's data)
+        return lora_cfg, data.check_options(cfg, meta)
+    except ValueError as e:
+        usage_error(str(e))
 
 
 def load_resume(cfg, path, world):
@@ -171,6 +173,7 @@ def load_resume(cfg, path, world):
             if getattr(saved, k) != getattr(cfg, k)]
     if saved.batch_size * saved.grad_accum * state["world_size"] != cfg.batch_size * cfg.grad_accum * world:
         diff.append("another global batch (batch-size x grad-accum x processes)")
+    diff += data.resume_conflicts(cfg, saved, state["world_size"], world)
     if diff:
         fail(f"--resume: the checkpoint was trained with {'; '.join(diff)}; use the same settings")
     if cfg.steps < state["step"]:
@@ -218,7 +221,7 @@ def load_model(cfg, env):
     except sd.LoadError as e:
         fail(str(e))
     f, need = bundle.vae.downsample, depth.size_multiple(bundle)  # the VAE's factor x the UNet's downsamplings
-    if cfg.resolution % need:
+    if any(side % need for side in data.parse_resolution(cfg.resolution)):
         usage_error(f"--resolution {cfg.resolution} must be a multiple of {need} for this model "
                     f"(VAE factor {f} x UNet downsampling {need // f})")
     if any(isinstance(m, lora.LoRALayer) for m in bundle.unet.modules()):
@@ -278,8 +281,7 @@ def build(cfg, lora_cfg, makes, env, ddp, lock=None):
 def train_step(run, step, batches, empty):
     """Optimizer step step + 1: grad_accum micro-steps, the gradients all-reduced once. Returns loss, grad norm."""
     cfg, env, W, bundle = run.cfg, run.env, run.env.world, run.bundle
-    abar, f = bundle.alphas_cumprod.to(env.device), bundle.vae.downsample
-    shape = (bundle.vae.cfg.embed_dim, cfg.resolution // f, cfg.resolution // f)
+    abar, shape = bundle.alphas_cumprod.to(env.device), data.latent_shape(bundle, cfg.resolution)
     noise, t, drop = data.draw(cfg, run.objective, step, run.G, shape, len(abar), env.device)
     loss_sum = torch.zeros((), device=env.device)
     for m in range(cfg.grad_accum):
@@ -350,7 +352,7 @@ def loop(run, state):
                     raise
                 stop_if_asked(run, step, flag, bar, now=True)
             done, sec = step + 1, time.time() - t0
-            log.step(bar, done, loss, lr, grad_norm, sec)
+            log.step(bar, done, loss, lr, grad_norm, sec, run.data.counts)
             if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 save_checkpoint(run, done)
             if env.master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
@@ -385,7 +387,7 @@ def main(argv=None):
             print(f"{run.objective} on {b.name} ({b.version}, {b.prediction}-prediction), {how} fine-tuning: "
                   f"{n:.2f}M trainable, {run.data.n} {run.data.what}, global batch {run.G}, {env.world} process(es)")
         return loop(run, state)
-    except (CheckpointError, DiskFull) as e:
+    except (CheckpointError, DiskFull, data.DataError) as e:  # DataError: data met while training
         fail(str(e))
     finally:
         if lock:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 from data import DataError, FolderDataset, epoch_order, load_image, stream_indices
 
 
@@ -25,7 +26,7 @@ def txt_folder(root, n=4):
 
 def test_txt_captions(tmp_path):
     ds = FolderDataset(txt_folder(str(tmp_path)), 32)
-    assert len(ds) == 4 and ds.captions == [f"caption {i}" for i in range(4)]  # sorted, stripped
+    assert len(ds) == 4 and [ds.caption(i) for i in range(4)] == [f"caption {i}" for i in range(4)]  # sorted, stripped
     x, caption = ds[2]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and caption == "caption 2"
     assert -1 <= x.min() < -0.9 and 0.9 < x.max() <= 1  # uint8 0..255 -> [-1, 1]
@@ -98,22 +99,56 @@ def corrupt(path, kind):
             f.write(data[: len(data) // 2])
 
 
-def test_a_few_corrupt_images_are_skipped_with_a_warning(tmp_path):
-    txt_folder(str(tmp_path), 6)
+def read_all(ds, batch_size=2):
+    """What training reads: every index once, in order, through FolderDataset.item, collate and Skips."""
+    skips = data.Skips(ds.root, len(ds))
+    batches = [skips(data.collate([ds.item(i) for i in range(j, min(j + batch_size, len(ds)))]))
+               for j in range(0, len(ds), batch_size)]
+    return batches, skips
+
+
+def test_listing_opens_no_image(tmp_path, monkeypatch):
+    txt_folder(str(tmp_path), 3)
+    corrupt(str(tmp_path / "img1.png"), "garbage")
+    opened = []
+    monkeypatch.setattr(data, "open_rgb", lambda *a: opened.append(a))
+    monkeypatch.setattr(data, "read_text", lambda *a: opened.append(a))
+    assert len(FolderDataset(str(tmp_path), 32)) == 3 and opened == [], "start-up must cost the listing only"
+
+
+def test_a_few_corrupt_images_are_skipped_when_met_named_and_counted(tmp_path):
+    txt_folder(str(tmp_path), 24)  # 2 of 26 read unreadable: under MAX_BAD (10%)
     corrupt(str(tmp_path / "img1.png"), "garbage")
     corrupt(str(tmp_path / "img4.png"), "truncated")
-    with pytest.warns(UserWarning, match=r"skipping 2 of 6 images are unreadable: img1\.png, img4\.png"):
-        ds = FolderDataset(str(tmp_path), 32)
-    assert [os.path.basename(f) for f in ds.files] == ["img0.png", "img2.png", "img3.png", "img5.png"]
-    assert ds.captions == ["caption 0", "caption 2", "caption 3", "caption 5"]
+    ds = FolderDataset(str(tmp_path), 32)
+    with pytest.warns(UserWarning) as w:
+        batches, skips = read_all(ds)
+    assert [str(x.message).split(": ")[0] for x in w] == [str(tmp_path / "img1.png"), str(tmp_path / "img4.png")]
+    assert all("unreadable" in str(x.message) for x in w) and skips.counts == {"skipped": 2}
+    # each takes the next readable image's place (the same every run): img2 for img1, img5 for img4
+    ds_order = [int(os.path.basename(ds.file(i))[3:-4]) for i in range(24)]  # sorted names: img0, img1, img10, ...
+    want = [ds_order[i + (ds_order[i] in (1, 4))] for i in range(24)]
+    assert [int(c.split()[1]) for b in batches for c in b["caption"]] == want
 
 
-def test_mostly_corrupt_is_an_error(tmp_path):
+def test_mostly_corrupt_is_an_error_naming_files(tmp_path):
     txt_folder(str(tmp_path), 4)
     for i in (0, 1):
         corrupt(str(tmp_path / f"img{i}.png"), "garbage")
-    with pytest.raises(DataError, match=r"2 of 4 images are unreadable: img0\.png, img1\.png"):
-        FolderDataset(str(tmp_path), 32)
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"3 of the 5 images read so far are unreadable "
+                                                  r"\(over 10%\): .*img0\.png, .*img1\.png; .*python data\.py check"):
+        read_all(FolderDataset(str(tmp_path), 32))  # img0 -> img1 -> img2, then img1 -> img2: stop
+
+
+def test_check_decodes_everything_and_names_the_bad_files(tmp_path, capsys):
+    txt_folder(str(tmp_path), 4)
+    corrupt(str(tmp_path / "img2.png"), "truncated")
+    with pytest.raises(SystemExit, match=r"1 unusable of 4 items"):
+        data.main(["check", str(tmp_path)])
+    assert f"{tmp_path / 'img2.png'}: unreadable" in capsys.readouterr().out
+    os.remove(tmp_path / "img2.png")
+    data.main(["check", str(tmp_path)])
+    assert "all 3 items usable" in capsys.readouterr().out
 
 
 def test_jsonl_errors_name_the_line(tmp_path):
@@ -124,13 +159,6 @@ def test_jsonl_errors_name_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("{not json\n")
     with pytest.raises(DataError, match=r"metadata\.jsonl:1: not a JSON object"):
         FolderDataset(str(tmp_path), 32)
-
-
-def test_file_broken_after_the_check_names_it(tmp_path):
-    ds = FolderDataset(txt_folder(str(tmp_path), 2), 32)
-    corrupt(str(tmp_path / "img1.png"), "garbage")
-    with pytest.raises(DataError, match=r"img1\.png: cannot decode"):
-        ds[1]
 
 
 def test_stream_is_deterministic_resumable_and_reshuffled():

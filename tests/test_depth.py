@@ -366,3 +366,172 @@ def test_readme_command_on_the_shipped_image(tmp_path):
                         "--ensemble", "1"])
     assert sorted(os.path.basename(p) for p in paths) == ["room_depth.npy", "room_depth.png", "room_depth16.png"]
     assert np.load(paths[2]).shape == (128, 128)
+
+
+# ----------------------------------------------------------------------------- paper-scale data (issue 15):
+# non-square --resolution (depth and t2i), --random-flip, mixtures of pair folders, streamed pairs
+
+def write_random_pairs(root, n, hw, seed=0, depth_hw=None):
+    """n random pairs: rgb/iI.png (H, W) and depth/iI.png (16-bit mm, depth_hw if given), mask-free."""
+    rng = np.random.default_rng(seed)
+    (root / "rgb").mkdir(parents=True), (root / "depth").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(root / "rgb" / f"i{i}.png")
+        Image.fromarray(rng.integers(500, 9000, depth_hw or hw).astype(np.uint16)).save(root / "depth" / f"i{i}.png")
+    return str(root)
+
+
+def test_paper_resolution_384x512_depth_and_t2i_steps_run(tmp_path):
+    """--resolution 384x512 (HxW, the paper's): a depth step (streamed, random crop and flip, one DataLoader
+    worker) and a t2i step, on a micro bundle with SD's 8x VAE (at 384x512 the tiny 4x VAE's mid-block attention
+    over 96x128 latents alone takes half a minute here); latents 48x64, metadata 384x512, read back by sample.py."""
+    import sample
+    import train
+    from helpers import randomize, tiny_training_folder
+    import unet as unet_mod
+    import vae as vae_mod
+    b = sd.create(unet=unet_mod.UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                           attention_resolutions=(2,), num_heads=-1, num_head_channels=16,
+                                           context_dim=128, norm_groups=8),
+                  vae=vae_mod.VAEConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4))
+    for i, m in enumerate((b.unet, b.vae, b.text_encoder)):
+        randomize(m, i).eval()
+    ckpt = str(tmp_path / "micro.safetensors")
+    sd.save(b, ckpt)
+    (tmp_path / "t2i").mkdir()
+    images = tiny_training_folder(tmp_path / "t2i", 2, (300, 500))[1]  # wider than 3:4: cropped left-right
+    pairs = write_random_pairs(tmp_path / "pairs", 2, (100, 120))
+    shapes = []
+    common = ["--ckpt", ckpt, "--resolution", "384x512", "--batch-size", "1", "--steps", "1", "--sample-every", "0",
+              "--save-every", "0", "--warmup", "0", "--no-cache", "--random-flip", "--crop", "random"]
+    loss = train.LOSSES["diff2flow"]
+    train.LOSSES["diff2flow"] = lambda net, x1, *a, **k: shapes.append(tuple(x1.shape)) or loss(net, x1, *a, **k)
+    try:
+        depth_model = train.main(["--task", "depth", "--data", pairs, "--out", str(tmp_path / "d"), "--workers", "1",
+                                  *common])
+        t2i_model = train.main(["--data", images, "--out", str(tmp_path / "t"), "--workers", "0", *common])
+    finally:
+        train.LOSSES["diff2flow"] = loss
+    assert shapes == [(1, 4, 48, 64)] * 2
+    assert sd.safetensors_metadata(depth_model)["resolution"] == "384x512"
+    t2i = sd.load(t2i_model)
+    assert sample.image_size(sample.parser.parse_args(["--prompt", "x"]), t2i, t2i.meta) == (384, 512)
+    with pytest.raises(SystemExit, match=r"--resolution 384y512: give one side in pixels \(512\) or HEIGHTxWIDTH"):
+        train.main(["--data", images, "--out", str(tmp_path / "x"), *common[:2], "--resolution", "384y512"])
+
+
+def test_fit_and_load_image_crop_to_the_aspect_centre_or_where_asked():
+    """A 4x8 image to 2x2: resized to 2x4 (aspect kept), then columns 1..2 (centre) or 0..1 / 2..3 (crop (., 0)
+    / (., 0.99)); depth by nearest neighbour. square() is fit()'s square case."""
+    x = torch.arange(8.0).repeat_interleave(1).view(1, 1, 8).expand(1, 4, 8)  # column index 0..7
+    for crop, cols in ((None, [1, 2]), ((0.5, 0.0), [0, 1]), ((0.5, 0.99), [2, 3])):
+        out = depth.fit(x, (2, 2), "nearest", crop)
+        assert out.shape == (1, 2, 2) and out[0, 0].tolist() == [2.0 * c for c in cols], crop
+    torch.testing.assert_close(depth.fit(x, (2, 2), "nearest", flip=True), depth.fit(x, (2, 2), "nearest").flip(-1))
+    torch.testing.assert_close(depth.square(x, 2, "bilinear"), depth.fit(x, (2, 2), "bilinear"))
+
+
+def test_random_flip_mirrors_the_image_and_its_depth_together(tmp_path):
+    """TrainItems' key (item, crop, flip=True): image and normalised depth are both the mirror of the unflipped
+    item (a depth map cropped or flipped on its own would teach the wrong depth); a wide image's random crop
+    takes the same window of both. augment_keys flips half the positions (10000 draws: 0.5 +- 4 sigma = 0.02),
+    each a function of (seed, position) only."""
+    import data
+    from types import SimpleNamespace
+    ds = depth.PairDataset(write_random_pairs(tmp_path, 1, (12, 20)))
+    items = depth.TrainItems([ds], (8, 8))
+    image, y = items[((0, 0), (0.5, 0.3), False)]
+    fimage, fy = items[((0, 0), (0.5, 0.3), True)]
+    assert image.shape == (3, 8, 8) and y.shape == (1, 8, 8) and not torch.equal(image, fimage)
+    torch.testing.assert_close(fimage, image.flip(-1))
+    torch.testing.assert_close(fy, y.flip(-1))
+    raw_image, raw_depth, valid = ds[0]  # the same window of both: the crop of the depth is the depth of the crop
+    crop_d = depth.fit(raw_depth[None], (8, 8), "nearest", (0.5, 0.3))
+    torch.testing.assert_close(y, depth.normalize_depth(crop_d[None], crop_d[None] > 0)[0])
+    cfg = SimpleNamespace(seed=3, crop="random", random_flip=True)
+    keys = data.augment_keys(cfg, range(10000), range(5000, 15000))
+    assert abs(sum(k[2] for k in keys) / 10000 - 0.5) < 0.02 and len({k[1] for k in keys}) == 10000
+    assert data.augment_keys(cfg, [7], range(9000, 9001)) == [(7, *keys[4000][1:])]  # the position decides
+    x = torch.randn(6, 4, 3, 5)  # tar shards: mirrored in the trainer by the same draws (RGB + depth stacked)
+    flips = [k[2] for k in data.augment_keys(cfg, range(6), range(100, 106))]
+    expect = torch.stack([xi.flip(-1) if f else xi for xi, f in zip(x, flips)])
+    assert torch.equal(data.mirror(cfg, x, range(100, 106)), expect) and 0 < sum(flips) < 6
+
+
+def test_mixture_draws_sources_at_their_weights_deterministically_and_resumes(tmp_path):
+    """mixture_batches: 0.9 / 0.1 over 20000 positions gives 0.9 within 4 sigma (sqrt(0.09 / 20000) = 0.0021:
+    +- 0.0085); each source is read in whole shuffled epochs (its first 7 draws of a 7-item source: each once);
+    a resumed stream continues exactly, and 2 ranks' micro-batches together are one process's."""
+    import data
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(seed=1, batch_size=8, grad_accum=2)
+    take = lambda it, k: [x for _, b in zip(range(k), it) for x in b]
+    one = take(data.mixture_batches(cfg, [50, 7], [0.9, 0.1], 0, 0, 1), 1250)  # 20000 positions
+    share = sum(s == 0 for s, _ in one) / len(one)
+    assert abs(share - 0.9) < 0.0085, share
+    small = [i for s, i in one if s == 1]
+    assert sorted(small[:7]) == list(range(7)) and sorted(small[7:14]) == list(range(7))
+    assert take(data.mixture_batches(cfg, [50, 7], [0.9, 0.1], 16 * 300, 0, 1), 20) == one[16 * 300:16 * 300 + 160]
+    ranks = [data.mixture_batches(cfg, [50, 7], [0.9, 0.1], 0, r, 2) for r in (0, 1)]
+    two = [x for _ in range(10) for m in range(2) for r in ranks for x in next(r)]  # [step][micro][rank]
+    assert two == take(data.mixture_batches(SimpleNamespace(seed=1, batch_size=8, grad_accum=4), [50, 7],
+                                            [0.9, 0.1], 0, 0, 1), 40)
+    assert take(data.mixture_batches(SimpleNamespace(seed=2, batch_size=8, grad_accum=2), [50, 7], [0.9, 0.1],
+                                     0, 0, 1), 10) != one[:160]
+
+
+def test_train_depth_on_two_mixed_folders_resumes_exactly_and_names_mismatched_sizes(pairs, tmp_path):
+    """--data A --data B --data-weights: trains and resumes bit-exactly (streamed, no --cache); a pair whose
+    depth map is not the image's size is one line naming the file and what to do."""
+    other = write_random_pairs(tmp_path / "other", 3, (32, 32), seed=1)
+    mix = ["--data", other, "--data-weights", "0.7,0.3", "--no-cache", "--random-flip"]
+    b = sd.load(tiny_depth_run(pairs, tmp_path / "a", "--steps", "2", *mix))
+    tiny_depth_run(pairs, tmp_path / "b", "--steps", "1", *mix)
+    resumed = sd.load(tiny_depth_run(pairs, tmp_path / "b", "--steps", "2", "--resume", *mix))
+    for (k, v), w in zip(b.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.equal(v, w), k
+    with pytest.raises(SystemExit, match="--data-weights 1,2,3: give 2 non-negative numbers"):
+        tiny_depth_run(pairs, tmp_path / "c", "--steps", "1", "--data", other, "--data-weights", "1,2,3")
+    bad = write_random_pairs(tmp_path / "bad", 2, (32, 32), depth_hw=(16, 16))
+    with pytest.raises(SystemExit) as e:
+        tiny_depth_run(bad, tmp_path / "e", "--steps", "1", "--no-cache", "--workers", "1")  # raised in a worker
+    msg = str(e.value)
+    assert "\n" not in msg and "i0.png: the image is 32x32 but its depth" in msg and "16x16" in msg
+    assert "write the depth map at the image's size" in msg
+
+
+def test_train_depth_on_tar_shards_resumes_exactly_and_skips_a_damaged_member(pairs, tmp_path):
+    """Depth tar shards (KEY.rgb.png + KEY.depth.png, read by data.py's generic reader): training resumes
+    bit-exactly (--random-flip mirrors image and depth as one tensor), a damaged depth member is skipped by name
+    and counted in log.jsonl, a shard without depth members is one line naming it."""
+    import io
+    import json
+    import tarfile
+    ds = depth.PairDataset(pairs)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"{s:05d}.tar", "w") as tar:
+            for i in range(3 * s, 3 * s + 3):
+                rgb, dep = ds.paths(i)
+                payloads = [("rgb.png", open(rgb, "rb").read()), ("depth.png", open(dep, "rb").read())]
+                if i == 4:
+                    payloads[1] = ("depth.png", b"not a png")
+                for suffix, payload in payloads:
+                    info = tarfile.TarInfo(f"{i:05d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    args = ["--no-cache", "--random-flip", "--batch-size", "2"]
+    a = sd.load(tiny_depth_run(str(shards), tmp_path / "a", "--steps", "3", *args))
+    tiny_depth_run(str(shards), tmp_path / "b", "--steps", "1", *args)
+    b = sd.load(tiny_depth_run(str(shards), tmp_path / "b", "--steps", "3", "--resume", *args))
+    for (k, v), w in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.equal(v, w), k
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    assert sum(r.get("skipped", 0) for r in rows) >= 1
+    with tarfile.open(tmp_path / "rgb-only.tar", "w") as tar:
+        info = tarfile.TarInfo("00000.rgb.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(SystemExit, match="rgb-only.tar: 00000: no KEY.depth.png or KEY.depth.npy; shards need"):
+        tiny_depth_run(str(tmp_path / "rgb-only.tar"), tmp_path / "c", "--steps", "1", "--no-cache")

@@ -312,3 +312,44 @@ def test_full_finetune_student_overrides_the_teachers_sampling_defaults(student,
     b = sd.load(train.main(full))  # a full bundle; the teacher's own metadata says cfg 3.0
     assert (b.meta["cfg"], b.meta["steps"], b.objective, "lora_config" in b.meta) == ("1.0", "4", "diff2flow", False)
     assert not os.path.exists(tmp_path / "pairs")  # --pairs: the existing folder was used
+
+
+def write_fake_pairs(folder, shards, size=8, dtype=torch.float32):
+    """A pairs folder as generate_pairs writes it (pairs.json, NNNNN.safetensors of noise, latent, prompts),
+    with random tensors (4, 4, 4): what the reader sees, without a teacher."""
+    from safetensors.torch import save_file
+    reflow.check_manifest(str(folder), reflow.PairSpec("teacher", "", "sha256:0", shard_size=size, resolution=16))
+    for i in range(shards):
+        g = torch.Generator().manual_seed(i)
+        noise, latent = (torch.randn((size, 4, 4, 4), generator=g).to(dtype) for _ in range(2))
+        save_file({"noise": noise, "latent": latent}, reflow.shard_path(str(folder), i),
+                  metadata={"prompts": json.dumps([f"prompt {i}.{j}" for j in range(size)])})
+    return str(folder)
+
+
+def test_pairs_stream_shard_by_shard_at_constant_memory(tmp_path):
+    """PairShards, what train.py --task reflow reads: over train.py's micro-batches (batch 4) the very pairs of
+    load_pairs (everything in RAM), fp32 and fp16 folders alike; it holds one micro-batch at a time whatever n
+    (peak_rows = 4 at 40 and at 4000 pairs) and keeps no tensor; 2 DDP ranks read disjoint halves of each
+    global batch; a missing or truncated shard is one line naming it."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(seed=0, batch_size=4, grad_accum=1)
+    for shards, n, dtype in ((5, 40, torch.float16), (500, 4000, torch.float32)):
+        folder = write_fake_pairs(tmp_path / str(n), shards, dtype=dtype)
+        stream, everything = reflow.PairShards(folder, n), reflow.load_pairs(folder, n)
+        for _, idx in zip(range(25), data.batch_indices(cfg, n, 36, 0, 1)):
+            noise, x1, prompts = stream.read(idx)
+            assert torch.equal(noise, everything.noise[idx]) and torch.equal(x1, everything.x1[idx])
+            assert prompts == [f"prompt {i // 8}.{i % 8}" for i in idx] and noise.dtype == torch.float32
+        assert stream.peak_rows == 4 and not any(isinstance(v, torch.Tensor) for v in vars(stream).values())
+    ranks = [next(data.batch_indices(cfg, 4000, 80, r, 2)) for r in (0, 1)]
+    assert ranks[0] + ranks[1] == next(data.batch_indices(SimpleNamespace(seed=0, batch_size=8, grad_accum=1),
+                                                          4000, 80, 0, 1))
+    with pytest.raises(SystemExit, match="00005.safetensors is missing"):
+        reflow.PairShards(str(tmp_path / "40"), 41)
+    path = reflow.shard_path(str(tmp_path / "40"), 2)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SystemExit, match=r"00002.safetensors: cannot read this pairs shard .*; delete it") as e:
+        reflow.PairShards(str(tmp_path / "40"), 40).read([17])
+    assert "\n" not in str(e.value)

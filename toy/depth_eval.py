@@ -17,6 +17,7 @@ import common  # noqa: E402
 import scenes  # noqa: E402
 from depth import (DEPTH_RANGES, PairDataset, decode_depth, depth_metrics, encode_depth, load_model,  # noqa: E402
                    mean_metrics, normalize_depth, predict, processing_size, size_multiple, square)
+from data import parse_resolution  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
@@ -92,7 +93,7 @@ def evaluate_models(ckpts, data, steps=(1, 2, 4, 10), ensembles=(1, 4), n=None, 
                      "steps": 0, "ensemble": 0, **evaluate_constant(mean, ds, drange, n), "sec_per_image": 0.0})
     for ckpt in ckpts:
         bundle = load_model(ckpt, device)
-        r = res or int(bundle.meta.get("resolution", 64))
+        r = res or max(parse_resolution(bundle.meta.get("resolution", 64)))
         rows.append({"model": bundle.name, "objective": "VAE floor", "steps": 0, "ensemble": 0,
                      **vae_floor(bundle, ds, r, drange, n), "sec_per_image": 0.0})
         for s in steps:
