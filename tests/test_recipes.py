@@ -92,6 +92,8 @@ def test_global_batch_follows_the_processes_and_flags_win(monkeypatch, capsys):
         train.main(["--recipe", "t2i-diff2flow-full", "--batch-size", "5", "--print-config"])
     assert e.value.code == 2 and "not a multiple of --batch-size 5" in capsys.readouterr().err
     assert print_config()["optimizer"] == "adamw" and print_config()["preset"] == "t2i-demo"  # no recipe: as before
+    cfg = print_config("--recipe", "depth-full", "--data", "a/", "--data", "b/", "--data-weights", "0.9,0.1")
+    assert (cfg["data"], cfg["data_weights"], cfg["resolution"]) == (["a/", "b/"], "0.9,0.1", "384x512")  # mixed
 
 
 def test_presets_file_is_the_old_table():
