@@ -561,7 +561,7 @@ class Sources(argparse.Action):
     """--data once: that path (as ever); --data again: the list of sources, mixed by --data-weights."""
 
     def __call__(self, parser, namespace, value, option=None):
-        old = getattr(namespace, self.dest, None)  # absent: common.given_options suppresses defaults
+        old = getattr(namespace, self.dest, None)  # absent: common.given_options parses with defaults suppressed
         setattr(namespace, self.dest, value if old is None else [*([old] if isinstance(old, str) else old), value])
 
 

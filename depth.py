@@ -442,28 +442,35 @@ class CachedItems(torch.utils.data.Dataset):
         return self.caches[source][i]
 
 
-def cache_plan(sizes, batch):
-    """The cache shards of pair folders of `sizes`: CACHE_ITEMS items each, numbered on across the sources ->
-    [(source, first, end)] per shard, and its micro-batches [(shard, last?, TrainItems keys)] of `batch`."""
-    shards = [(s, lo, min(n, lo + CACHE_ITEMS)) for s, n in enumerate(sizes) for lo in range(0, n, CACHE_ITEMS)]
-    micro = [(j, b + batch >= hi, [((s, i), None, False) for i in range(b, min(b + batch, hi))])
-             for j, (s, lo, hi) in enumerate(shards) for b in range(lo, hi, batch)]
-    return shards, micro
+def cache_shards(sizes):
+    """The cache shards of pair folders of `sizes`, CACHE_ITEMS pairs each, numbered on across the sources ->
+    [(source, first, end)]."""
+    return [(s, lo, min(n, lo + CACHE_ITEMS)) for s, n in enumerate(sizes) for lo in range(0, n, CACHE_ITEMS)]
+
+
+def shard_batches(shards, todo, batch):
+    """The micro-batches of the cache shards `todo`, made as they are read (nothing per pair is held) ->
+    (shard, its last?, TrainItems keys of the centre crops)."""
+    for j in todo:
+        s, lo, hi = shards[j]
+        for b in range(lo, hi, batch):
+            yield j, b + batch >= hi, [((s, i), None, False) for i in range(b, min(b + batch, hi))]
 
 
 @torch.no_grad()
-def encode_cache(cfg, bundle, env, items, micro, todo, paths):
+def encode_cache(cfg, bundle, env, items, shards, todo, paths):
     """This process's cache shards `todo`: their pairs read and centre-cropped by DataLoader workers (TrainItems),
     VAE-encoded here per micro-batch, each shard's x1 and cond streamed to disk (data.CacheWriter)."""
     if env.device == "cpu":  # glibc keeps the encoder's freed activations otherwise (as data.encode_cache)
         return_freed_memory()
-    todo = set(todo)
-    mine = [m for m in micro if m[0] in todo]
-    loader = torch.utils.data.DataLoader(items, batch_sampler=[keys for _, _, keys in mine], num_workers=cfg.workers)
+    plan = functools.partial(shard_batches, shards, todo, cfg.batch_size)
+    loader = torch.utils.data.DataLoader(items, batch_sampler=(keys for _, _, keys in plan()), num_workers=cfg.workers)
+    n = sum(-(-(shards[j][2] - shards[j][1]) // cfg.batch_size) for j in todo)
     writers = {}
     try:
-        for (j, last, _), (images, y) in zip(mine, tqdm(loader, desc=f"--cache: encoding {len(todo)} shard(s)",
-                                                         unit="batch", dynamic_ncols=True, disable=not env.master)):
+        for (j, last, _), (images, y) in zip(plan(), tqdm(loader, desc=f"--cache: encoding {len(todo)} shard(s)",
+                                                           total=n, unit="batch", dynamic_ncols=True,
+                                                           disable=not env.master)):
             x1, cond = encode_items(bundle, images, y, env.amp)
             writers.setdefault(j, CacheWriter(paths[j], CACHE_NAMES)).append(x1, cond)
             if last:
@@ -480,9 +487,9 @@ def disk_cache(cfg, bundle, env, sources, items):
     for ds in sources:
         h.update(f"{ds.root}\0".encode() + ds.rgb.tobytes() + ds.depth.tobytes())
     key = cache_key(cfg, None, None, listing=h.hexdigest(), depth_norm=cfg.depth_norm)
-    shards, micro = cache_plan([len(ds) for ds in sources], cfg.batch_size)
+    shards = cache_shards([len(ds) for ds in sources])
     paths = shared_cache(cfg, key, len(shards), env,
-                         lambda todo, paths: encode_cache(cfg, bundle, env, items, micro, todo, paths))
+                         lambda todo, paths: encode_cache(cfg, bundle, env, items, shards, todo, paths))
     return [CacheDataset([p for p, (s, _, _) in zip(paths, shards) if s == k], CACHE_NAMES)
             for k in range(len(sources))]
 
