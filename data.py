@@ -827,15 +827,16 @@ CACHE_ITEMS = 1024  # items per cache shard of a folder (a tar shard's cache sha
 
 class CacheWriter:
     """One cache shard, written as it is encoded: each tensor's rows appended to a temp file of its own, then
-    one safetensors file (header + the blocks) renamed into place: RAM holds a micro-batch, not the shard."""
+    one safetensors file (header + the blocks) renamed into place: RAM holds a micro-batch, not the shard.
+    `names`: the tensors of an item (t2i's latent and context; depth's x1 and cond)."""
     NAMES = ("latents", "context")
 
-    def __init__(self, path):
-        self.path, self.files, self.shapes, self.n = path, None, None, 0
+    def __init__(self, path, names=NAMES):
+        self.path, self.names, self.files, self.shapes, self.n = path, names, None, None, 0
 
     def append(self, *tensors):
         if self.files is None:
-            self.files = [open(temp_name(self.path.removesuffix(".safetensors") + "." + k), "w+b") for k in self.NAMES]
+            self.files = [open(temp_name(self.path.removesuffix(".safetensors") + "." + k), "w+b") for k in self.names]
             self.shapes = [list(t.shape[1:]) for t in tensors]
         for f, t in zip(self.files, tensors):
             f.write(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -843,7 +844,7 @@ class CacheWriter:
 
     def close(self):
         header, offset = {"__metadata__": {"items": str(self.n)}}, 0
-        for name, f, shape in zip(self.NAMES, self.files or (), self.shapes or ()):
+        for name, f, shape in zip(self.names, self.files or (), self.shapes or ()):
             header[name] = dict(dtype="F32", shape=[self.n, *shape], data_offsets=[offset, offset + f.tell()])
             offset += f.tell()
         blob = json.dumps(header).encode()
@@ -859,11 +860,11 @@ class CacheWriter:
 
 
 class CacheDataset(torch.utils.data.Dataset):
-    """dataset[i] -> (latent, context) of item i of the cache shards, each row one pread: only the shards'
-    headers are held, so memory does not grow with the data."""
+    """dataset[i] -> (latent, context) of item i of the cache shards (the tensors `names`), each row one pread:
+    only the shards' headers are held, so memory does not grow with the data."""
 
-    def __init__(self, paths):
-        self.paths, self.rows, counts = paths, [], []
+    def __init__(self, paths, names=CacheWriter.NAMES):
+        self.paths, self.names, self.rows, counts = paths, names, [], []
         for p in paths:
             with open(p, "rb") as f:
                 size = struct.unpack("<Q", f.read(8))[0]
@@ -879,7 +880,7 @@ class CacheDataset(torch.utils.data.Dataset):
         j = int(np.searchsorted(self.ends, i, side="right"))
         row, fd = i - (int(self.ends[j - 1]) if j else 0), os.open(self.paths[j], os.O_RDONLY)
         try:
-            return tuple(self.read(fd, *self.rows[j][k], row) for k in CacheWriter.NAMES)
+            return tuple(self.read(fd, *self.rows[j][k], row) for k in self.names)
         finally:
             os.close(fd)
 
@@ -923,18 +924,19 @@ class CacheSource(torch.utils.data.IterableDataset):
             yield j, None
 
 
-def cache_key(cfg, ds, shards):
-    """What the cache was made from: data, resolution, model (and its mtime), a digest of the listing."""
+def cache_key(cfg, ds, shards, **extra):
+    """What the cache was made from: data, resolution, model (and its mtime), a digest of the listing, and `extra`
+    (depth's: its own listing digest and normalisation)."""
     h = hashlib.sha1()
     if shards:
         for p in shards:
             st = os.stat(p)
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    else:
+    elif ds is not None:
         h.update(ds.files.tobytes())
         h.update(json.dumps(ds.captions).encode())
     mtime = os.path.getmtime(cfg.ckpt) if os.path.exists(cfg.ckpt) else 0.0
-    key = dict(data=cfg.data, resolution=cfg.resolution, ckpt=cfg.ckpt, mtime=mtime, listing=h.hexdigest())
+    key = dict(data=cfg.data, resolution=cfg.resolution, ckpt=cfg.ckpt, mtime=mtime, listing=h.hexdigest()) | extra
     return json.loads(json.dumps(key))  # as read back from cache.json (tuples become lists)
 
 
@@ -975,23 +977,31 @@ def encode_cache(cfg, ds, shards, todo, paths, bundle, env, skips):
             writers.setdefault(j, CacheWriter(paths[j])).append(z, c)
 
 
+def shared_cache(cfg, key, n, env, encode):
+    """The n cache shard paths OUT/cache/NNNNN.safetensors, made from `key` (cache_key): rank 0 removes a cache made
+    from anything else, then each process encodes every world-th missing shard, encode(todo, paths), and all wait
+    for all (the barriers), so every shard is written once and read by all."""
+    folder = os.path.join(cfg.out, "cache")
+    paths = [os.path.join(folder, f"{j:05d}.safetensors") for j in range(n)]
+    if env.master:
+        reset_cache(folder, key)
+    if env.world > 1:
+        torch.distributed.barrier()
+    todo = [j for j in range(env.rank, n, env.world) if not os.path.exists(paths[j])]
+    if todo:
+        encode(todo, paths)
+    if env.world > 1:
+        torch.distributed.barrier()
+    return paths
+
+
 def disk_cache(cfg, ds, shards, bundle, env, skips):
     """--cache: every item encoded once (latent means, text embeddings) into OUT/cache/NNNNN.safetensors, one per
     tar shard or per CACHE_ITEMS folder items; each process encodes every world-th missing shard (no item twice),
     then all read all of them, streamed (CacheDataset). Reused while listing, model and resolution are the same;
     a killed run's complete shards are kept. Several nodes: OUT must be a path all of them see (as for ckpt.pt)."""
-    folder = os.path.join(cfg.out, "cache")
-    paths = [os.path.join(folder, f"{j:05d}.safetensors")
-             for j in range(len(shards) if shards else -(-len(ds) // CACHE_ITEMS))]
-    if env.master:
-        reset_cache(folder, cache_key(cfg, ds, shards))
-    if env.world > 1:
-        torch.distributed.barrier()
-    todo = [j for j in range(env.rank, len(paths), env.world) if not os.path.exists(paths[j])]
-    if todo:
-        encode_cache(cfg, ds, shards, todo, paths, bundle, env, skips)
-    if env.world > 1:
-        torch.distributed.barrier()
+    paths = shared_cache(cfg, cache_key(cfg, ds, shards), len(shards) if shards else -(-len(ds) // CACHE_ITEMS),
+                         env, lambda todo, paths: encode_cache(cfg, ds, shards, todo, paths, bundle, env, skips))
     cache = CacheDataset(paths)
     if not len(cache):
         raise DataError(f"--data {cfg.data}: no usable item to cache")

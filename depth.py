@@ -34,7 +34,7 @@ Data: a folder of pairs (PairDataset), as scenes.py writes it, or several mixed 
 --data-weights 0.9,0.1, the paper's Hypersim + Virtual KITTI 2: data.mixture_batches). Training streams them:
 DataLoader workers read each pair, resize it to cover --resolution (a side or HxW, e.g. the paper's 384x512),
 crop image and depth together (the centre or --crop random), mirror both (--random-flip), normalise the depth,
-and the VAE encodes each micro-batch (--cache: all encoded once into RAM instead, for small data like the demo):
+and the VAE encodes each micro-batch (--cache: all centre crops encoded once to OUT/cache/ shards, then read back):
     DIR/rgb/NAME.png|jpg        the image
     DIR/depth/NAME.png          16-bit, millimetres (0 = invalid)  -- or DIR/depth/NAME.npy, metres (0/nan/inf = invalid)
     DIR/mask/NAME.png           optional: nonzero = valid
@@ -52,10 +52,10 @@ clipped to [min, max]; then AbsRel, delta1..3 and RMSE per image, averaged over 
 """
 import argparse
 import functools
+import hashlib
 import io
 import os
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -68,9 +68,10 @@ import cpu_fast
 import diff2flow
 import sd
 from common import (DefaultsOnce, atomic_path, exclusive_names, fail, one_line_warnings, open_rgb, remove_stale_temps,
-                    rgb_array, usage_error)
-from data import (ShardCut, ShardStream, Skips, TaskData, augment_keys, batch_indices, batch_positions, check_shards,
-                  crop_box, list_shards, mirror, mixture_batches, parse_resolution, parse_weights, tar_groups)
+                    return_freed_memory, rgb_array, usage_error)
+from data import (CACHE_ITEMS, CacheDataset, CacheWriter, ShardCut, ShardStream, Skips, TaskData, augment_keys,
+                  batch_indices, batch_positions, cache_key, check_shards, crop_box, list_shards, mirror,
+                  mixture_batches, parse_resolution, parse_weights, shared_cache, tar_groups)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
@@ -423,17 +424,74 @@ def worker_error(e):
     return last.partition(": ")[2] if last.split(":")[0].endswith("DepthError") else last
 
 
+CACHE_NAMES = ("x1", "cond")  # an item of a depth cache shard: its depth latent and image latent
+
+
+class CachedItems(torch.utils.data.Dataset):
+    """TrainItems keys ((source, i), crop, flip) -> (x1 (4, h, w), cond (4, h, w)) of item i of source's
+    data.CacheDataset: one pread each, nothing held but the shards' headers (--cache takes no crop or flip)."""
+
+    def __init__(self, caches):
+        self.caches = caches
+
+    def __len__(self):
+        return sum(map(len, self.caches))
+
+    def __getitem__(self, key):
+        (source, i), _, _ = key
+        return self.caches[source][i]
+
+
+def cache_shards(sizes):
+    """The cache shards of pair folders of `sizes`, CACHE_ITEMS pairs each, numbered on across the sources ->
+    [(source, first, end)]."""
+    return [(s, lo, min(n, lo + CACHE_ITEMS)) for s, n in enumerate(sizes) for lo in range(0, n, CACHE_ITEMS)]
+
+
+def shard_batches(shards, todo, batch):
+    """The micro-batches of the cache shards `todo`, made as they are read (nothing per pair is held) ->
+    (shard, its last?, TrainItems keys of the centre crops)."""
+    for j in todo:
+        s, lo, hi = shards[j]
+        for b in range(lo, hi, batch):
+            yield j, b + batch >= hi, [((s, i), None, False) for i in range(b, min(b + batch, hi))]
+
+
 @torch.no_grad()
-def encode_pairs(bundle, ds, resolution, batch=64, amp=nullcontext, norm="ours"):
-    """Every pair of `ds` (a PairDataset) at resolution (a side or "HxW", centre crop) -> depth latents x1
-    (N, 4, h, w) and image latents cond (N, 4, h, w) on the CPU: --cache, for small data such as the demo's."""
-    items, x1, cond = TrainItems([ds], parse_resolution(resolution), norm), [], []
-    for start in tqdm(range(0, len(ds), batch), desc="encoding depth pairs", dynamic_ncols=True):
-        keys = [((0, i), None, False) for i in range(start, min(start + batch, len(ds)))]
-        images, y = map(torch.stack, zip(*(items[k] for k in keys)))
-        z, c = encode_items(bundle, images, y, amp)
-        x1.append(z.cpu()), cond.append(c.cpu())
-    return torch.cat(x1), torch.cat(cond)
+def encode_cache(cfg, bundle, env, items, shards, todo, paths):
+    """This process's cache shards `todo`: their pairs read and centre-cropped by DataLoader workers (TrainItems),
+    VAE-encoded here per micro-batch, each shard's x1 and cond streamed to disk (data.CacheWriter)."""
+    if env.device == "cpu":  # glibc keeps the encoder's freed activations otherwise (as data.encode_cache)
+        return_freed_memory()
+    plan = functools.partial(shard_batches, shards, todo, cfg.batch_size)
+    loader = torch.utils.data.DataLoader(items, batch_sampler=(keys for _, _, keys in plan()), num_workers=cfg.workers)
+    n = sum(-(-(shards[j][2] - shards[j][1]) // cfg.batch_size) for j in todo)
+    writers = {}
+    try:
+        for (j, last, _), (images, y) in zip(plan(), tqdm(loader, desc=f"--cache: encoding {len(todo)} shard(s)",
+                                                           total=n, unit="batch", dynamic_ncols=True,
+                                                           disable=not env.master)):
+            x1, cond = encode_items(bundle, images, y, env.amp)
+            writers.setdefault(j, CacheWriter(paths[j], CACHE_NAMES)).append(x1, cond)
+            if last:
+                writers.pop(j).close()
+    except DepthError as e:
+        fail(worker_error(e))
+
+
+def disk_cache(cfg, bundle, env, sources, items):
+    """--cache: every pair encoded once (centre crop: x1, cond) into OUT/cache/NNNNN.safetensors, CACHE_ITEMS
+    pairs a file, the sources' files numbered on; made and shared by the processes as t2i's (data.shared_cache),
+    reused while the listings, model, resolution and --depth-norm are the same -> one CacheDataset per source."""
+    h = hashlib.sha1()
+    for ds in sources:
+        h.update(f"{ds.root}\0".encode() + ds.rgb.tobytes() + ds.depth.tobytes())
+    key = cache_key(cfg, None, None, listing=h.hexdigest(), depth_norm=cfg.depth_norm)
+    shards = cache_shards([len(ds) for ds in sources])
+    paths = shared_cache(cfg, key, len(shards), env,
+                         lambda todo, paths: encode_cache(cfg, bundle, env, items, shards, todo, paths))
+    return [CacheDataset([p for p, (s, _, _) in zip(paths, shards) if s == k], CACHE_NAMES)
+            for k in range(len(sources))]
 
 
 def item_keys(cfg, sizes, position, env):
@@ -450,9 +508,9 @@ def item_keys(cfg, sizes, position, env):
 def task(cfg, bundle, env):
     """--task depth: (image, depth) pairs from --data (PairDataset; several folders mixed), x1 = the depth latent,
     cond = the image latent, context = the empty prompt. Streamed: read, cropped (--crop), mirrored
-    (--random-flip) by DataLoader workers and VAE-encoded per micro-batch; --cache: all encoded once, in RAM
-    (the demo). The prior's UNet gets its first conv widened to take both (expand_first_conv); a depth model
-    given as --ckpt is trained on as it is."""
+    (--random-flip) by DataLoader workers and VAE-encoded per micro-batch; --cache: all encoded once to disk
+    shards (disk_cache), then read per micro-batch (CachedItems). The prior's UNet gets its first conv widened
+    to take both (expand_first_conv); a depth model given as --ckpt is trained on as it is."""
     ucfg = bundle.unet.cfg
     if ucfg.in_channels == ucfg.out_channels:
         expand_first_conv(bundle.unet)
@@ -463,23 +521,18 @@ def task(cfg, bundle, env):
         return shard_task(cfg, bundle, env, shards, empty)
     sources = [PairDataset(d) for d in (cfg.data if isinstance(cfg.data, list) else [cfg.data])]
     sizes, size = [len(ds) for ds in sources], parse_resolution(cfg.resolution)
-    cache = [encode_pairs(bundle, ds, cfg.resolution, amp=env.amp, norm=cfg.depth_norm) for ds in sources] \
-        if cfg.cache else None
     items = TrainItems(sources, size, cfg.depth_norm)
+    cached = CachedItems(disk_cache(cfg, bundle, env, sources, items)) if cfg.cache else None
 
     def batches(position):
         keys = item_keys(cfg, sizes, position, env)
-        if cache is not None:
-            for batch in keys:
-                x1, cond = (torch.stack([cache[s][k][i] for (s, i), _, _ in batch]) for k in (0, 1))
-                yield {"x1": x1.to(env.device), "cond": cond.to(env.device),
-                       "context": empty.expand(len(batch), -1, -1)}
-            return
-        loader = torch.utils.data.DataLoader(items, batch_sampler=keys, num_workers=cfg.workers,
-                                             generator=torch.Generator(), pin_memory=env.device.startswith("cuda"))
+        loader = torch.utils.data.DataLoader(items if cached is None else cached, batch_sampler=keys,
+                                             num_workers=cfg.workers, generator=torch.Generator(),
+                                             pin_memory=env.device.startswith("cuda"))
         try:
-            for images, y in loader:
-                x1, cond = encode_items(bundle, images, y, env.amp)
+            for a, b in loader:  # cached: (x1, cond); else (images, normalised depth), encoded now
+                x1, cond = (a.to(env.device), b.to(env.device)) if cached is not None else \
+                    encode_items(bundle, a, b, env.amp)
                 yield {"x1": x1, "cond": cond, "context": empty.expand(len(x1), -1, -1)}
         except DepthError as e:
             fail(worker_error(e))
@@ -489,7 +542,7 @@ def task(cfg, bundle, env):
 
     def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
         sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
-    return TaskData(sum(sizes), batches, [""], grid, "depth pairs",
+    return TaskData(sum(sizes), batches, [""], grid, "depth pairs" + (" (cached)" if cfg.cache else ""),
                     meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm))
 
 

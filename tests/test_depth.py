@@ -1,5 +1,6 @@
 """depth.py: the first-conv expansion, the depth encoding, alignment, ensembling, metrics (hand-made
 cases), image and depth files, the command line."""
+import contextlib
 import os
 
 import numpy as np
@@ -535,3 +536,35 @@ def test_train_depth_on_tar_shards_resumes_exactly_and_skips_a_damaged_member(pa
         tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(SystemExit, match="rgb-only.tar: 00000: no KEY.depth.png or KEY.depth.npy; shards need"):
         tiny_depth_run(str(tmp_path / "rgb-only.tar"), tmp_path / "c", "--steps", "1", "--no-cache")
+
+
+def test_depth_cache_is_disk_shards_per_source_reused_on_resume_and_read_lazily(pairs, tmp_path, monkeypatch):
+    """--cache on two mixed folders: every pair encoded once into OUT/cache/ shards (CACHE_ITEMS a file, the
+    sources' files numbered on) holding its centre crop's x1 and cond (as encode_items gives them, to 1e-5: the
+    encode batches differ); a --resume reuses them without encoding; rows are read from disk per item."""
+    import data
+    import train
+    from safetensors.torch import load_file
+    monkeypatch.setattr(depth, "CACHE_ITEMS", 4)
+    other = write_random_pairs(tmp_path / "other", 3, (32, 40), seed=1)
+    tiny_depth_run(pairs, tmp_path / "a", "--steps", "1", "--data", other, "--cache")
+    folder = tmp_path / "a" / "cache"
+    names = sorted(os.listdir(folder))
+    assert names == [f"0000{j}.safetensors" for j in range(3)] + ["cache.json"]  # 6 pairs: 4 + 2; other's 3
+    x1, cond = (load_file(folder / "00002.safetensors")[k] for k in depth.CACHE_NAMES)
+    bundle = sd.load(train.DEMO_PRIOR)
+    items = depth.TrainItems([depth.PairDataset(other)], (32, 32))
+    ref = depth.encode_items(bundle, *map(torch.stack, zip(*(items[((0, i), None, False)] for i in range(3)))),
+                             contextlib.nullcontext)
+    assert x1.shape == cond.shape == ref[0].shape and len(x1) == 3
+    torch.testing.assert_close(x1, ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(cond, ref[1], atol=1e-5, rtol=0)
+    stamps = {n: os.stat(folder / n).st_mtime_ns for n in names}
+    monkeypatch.setattr(depth, "encode_cache", lambda *a: pytest.fail("a complete cache is encoded again"))
+    tiny_depth_run(pairs, tmp_path / "a", "--steps", "2", "--data", other, "--cache", "--resume")
+    assert {n: os.stat(folder / n).st_mtime_ns for n in names} == stamps
+    # lazily: the dataset holds the shards' headers, so a shard rewritten under it is what it reads next
+    ds = data.CacheDataset([str(folder / "00002.safetensors")], depth.CACHE_NAMES)
+    w = data.CacheWriter(str(folder / "00002.safetensors"), depth.CACHE_NAMES)
+    w.append(-x1, cond + 1), w.close()
+    assert torch.equal(ds[1][0], -x1[1]) and torch.equal(ds[2][1], cond[2] + 1)
