@@ -572,6 +572,8 @@ def add_t2i(sub):
     p.add_argument("--ckpt", help="checkpoint, diffusers folder or cached repo id (default: the tiny demo)")
     p.add_argument("--lora", metavar="FILE", help="a LoRA .safetensors merged into --ckpt's UNet")
     p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v for original files that do not say")
+    p.add_argument("--zero-terminal-snr", action="store_true", help="rescale the schedule to zero terminal SNR "
+                   "(for a model trained so that does not record it: sample.py's flag)")
     p.add_argument("--n", type=int, help="only the first N captions (default: all)")
     p.add_argument("--steps", type=int, help="ODE steps (default: metadata 'steps', else 25)")
     p.add_argument("--cfg", type=float, help="guidance scale (default: metadata 'cfg', else 7.5)")
