@@ -118,18 +118,23 @@ def make(args):
                 print(f"made {folder} in {time.time() - t:.0f} s")
 
 
-def startup_row(args, task, fmt, n):
-    """One fresh train.py process: (seconds to the first optimizer step, its peak RSS MB, its workers' MB)."""
-    out = os.path.join(args.root, "runs", f"{task}-{fmt}-{n}-{time.time_ns()}")
-    cmd = [sys.executable, "-c", CHILD.format(root=os.path.abspath(args.code)), *FORMATS[(task, fmt)][1],
-           "--data", data_folder(args.root, task, fmt, n), "--out", out]
+def run_child(root, argv, what):
+    """One fresh train.py process (CHILD, the code at root) with argv: (seconds to the end of its first optimizer
+    step, its peak RSS MB, its DataLoader workers' MB). bench_data_pairs.py measures its rows with it too."""
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, "-c", CHILD.format(root=root), *argv], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        sys.exit(f"{task} {fmt} {n}: no first step:\n{r.stderr[-2000:]}")
+        sys.exit(f"{what}: no first step:\n{r.stderr[-2000:]}")
     row = json.loads(lines[-1])
     return row["t"] - t0, row["rss_mb"], row["workers_mb"]
+
+
+def startup_row(args, task, fmt, n):
+    out = os.path.join(args.root, "runs", f"{task}-{fmt}-{n}-{time.time_ns()}")
+    argv = [*FORMATS[(task, fmt)][1], "--data", data_folder(args.root, task, fmt, n), "--out", out]
+    return run_child(os.path.abspath(args.code), argv, f"{task} {fmt} {n}")
 
 
 def startup(args):

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import reflow  # noqa: E402
 import sd  # noqa: E402
+from bench_data import run_child  # noqa: E402 (the same child process and measures)
 
 PRIOR = os.path.join(ROOT, "assets", "demo", "prior_tiny.safetensors")
 COMMON = ["--batch-size", "8", "--sample-every", "0", "--save-every", "0", "--steps", "1"]
@@ -96,33 +96,6 @@ FORMATS = {  # (task, format) -> (make(folder, n), train.py arguments for (folde
     ("depth", "shards"): (make_depth_shards, lambda folder, n: [*DEPTH, "--data", folder]),
 }
 
-# The child: train.main, stopped at the end of its first optimizer step with the time and peak memory then.
-CHILD = r"""
-import json, os, sys, time
-sys.path.insert(0, {root!r})
-import torch
-import train
-
-def hwm_mb(pid="self"):
-    with open(f"/proc/{{pid}}/status") as f:
-        return next((int(l.split()[1]) for l in f if l.startswith("VmHWM:")), 0) / 1024  # 0: a zombie
-
-def workers():
-    pids = []
-    for t in os.listdir("/proc/self/task"):
-        pids += open(f"/proc/self/task/{{t}}/children").read().split()
-    return pids
-
-real = torch.optim.AdamW.step
-def first_step(self, *a, **kw):
-    real(self, *a, **kw)
-    print(json.dumps(dict(t=time.time(), rss_mb=hwm_mb(), workers_mb=sum(hwm_mb(p) for p in workers()))), flush=True)
-    os._exit(0)
-torch.optim.AdamW.step = first_step
-train.main(sys.argv[1:])
-"""
-
-
 def data_folder(root, task, fmt, n):
     return os.path.join(root, f"{task}-{fmt}-{n}")
 
@@ -138,17 +111,9 @@ def make(args):
 
 
 def startup_row(args, task, fmt, n):
-    """One fresh train.py process: (seconds to the first optimizer step, its peak RSS MB, its workers' MB)."""
     out = os.path.join(args.root, "runs", f"{task}-{fmt}-{n}-{time.time_ns()}")
-    cmd = [sys.executable, "-c", CHILD.format(root=ROOT), *FORMATS[(task, fmt)][1](
-        data_folder(args.root, task, fmt, n), n), "--out", out]
-    t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        sys.exit(f"{task} {fmt} {n}: no first step:\n{r.stderr[-2000:]}")
-    row = json.loads(lines[-1])
-    return row["t"] - t0, row["rss_mb"], row["workers_mb"]
+    argv = [*FORMATS[(task, fmt)][1](data_folder(args.root, task, fmt, n), n), "--out", out]
+    return run_child(ROOT, argv, f"{task} {fmt} {n}")
 
 
 def startup(args):
