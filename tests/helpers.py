@@ -1,4 +1,10 @@
 """Shared test utilities: seeded random weights that keep activations O(1)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import torch
 
 
@@ -54,3 +60,19 @@ def tiny_training_folder(root, n, size, **meta):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"img{i}.png")
         (root / f"img{i}.txt").write_text(f"a picture number {i}")
     return str(root / "tiny.safetensors"), str(root)
+
+
+def kill_after_logged(argv, out, lines, env, cwd, timeout=90):
+    """Run train.py with argv in a fresh process and SIGKILL it once out/log.jsonl has `lines` complete lines
+    (or after `timeout` s). Returns the complete lines logged then (the last may have been cut by the kill)."""
+    logged = lambda: (out / "log.jsonl").read_text().count("\n") if os.path.exists(out / "log.jsonl") else 0
+    proc = subprocess.Popen([sys.executable, os.path.join(cwd, "train.py"), *argv], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and logged() < lines:
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return logged()

@@ -5,12 +5,10 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 
 import data
 import train
-from helpers import random_bundle
+from helpers import kill_after_logged, random_bundle
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -158,18 +156,8 @@ def test_kill_9_and_resume_on_shards_gives_the_same_losses_and_weights(tiny, tmp
     pattern, run = os.path.join(tiny[1], "{00000..00003}.tar"), ("--workers", "1")
     train.main(args(tiny[0], pattern, tmp_path / "ref", "--steps", "5", *run))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
-                             *args(tiny[0], pattern, out, "--steps", "1000", *run)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    logged = lambda: (out / "log.jsonl").read_text().count("\n") if os.path.exists(out / "log.jsonl") else 0
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and logged() < 2:
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert 2 <= logged() < 1000, "the run must have been killed mid-run, after a checkpoint"
+    n = kill_after_logged(args(tiny[0], pattern, out, "--steps", "1000", *run), out, 2, ENV, ROOT)
+    assert 2 <= n < 1000, "the run must have been killed mid-run, after a checkpoint"
     train.main(args(tiny[0], pattern, out, "--steps", "5", "--resume", *run))  # at once: its worker held no lock
     losses = [[json.loads(line)["loss"] for line in open(d / "log.jsonl")] for d in (out, tmp_path / "ref")]
     assert len(losses[0]) == 5 and losses[0] == losses[1], "killed + resumed must repeat the losses exactly"

@@ -19,7 +19,7 @@ import lora
 import sample
 import sd
 import train
-from helpers import tiny_training_folder
+from helpers import kill_after_logged, tiny_training_folder
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses: one thread, as in-process (same float sums)
@@ -104,19 +104,8 @@ def test_resume_gives_the_same_losses_as_one_run(tiny, tmp_path):
 def test_killed_run_resumes_exactly(tiny, tmp_path):
     train.main(args(tiny, tmp_path / "ref", "--steps", "8"))
     out = tmp_path / "killed"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args(tiny, out, "--steps", "1000")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def logged():  # complete lines so far (the last one may be cut short by the kill)
-        return (out / "log.jsonl").read_text().count("\n") if os.path.exists(out / "log.jsonl") else 0
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and logged() < 3:
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert 3 <= logged() < 1000, "the run must have been killed mid-run, after a checkpoint"
+    n = kill_after_logged(args(tiny, out, "--steps", "1000"), out, 3, ENV, ROOT, timeout=60)
+    assert 3 <= n < 1000, "the run must have been killed mid-run, after a checkpoint"
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 2
     train.main(args(tiny, out, "--steps", "8", "--resume"))
     assert losses(out) == losses(tmp_path / "ref"), "killed + resumed must repeat the uninterrupted losses exactly"
