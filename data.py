@@ -49,6 +49,8 @@ from common import (atomic_path, fail, one_line_warnings, open_rgb, return_freed
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "runs", "data")  # where the demo presets' data is made once
 N_DEMO = 4096  # items of the demo data: toy/synth.py / toy/scenes.py items 0..n-1 of their training streams
+DEMO_KINDS = {"shapes": ("shapes", 1), "scenes": ("scenes-v2", 2)}  # folder name (v2: the varied rooms of
+# scenes.py since #18, so a folder of the old rooms is not reused) and items in units of N_DEMO
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -689,8 +691,9 @@ def demo(spec, resolution):
         folder = os.path.join(DEMO_DATA, f"prompts-seed0-n{N_DEMO}")
         path, args = os.path.join(folder, "prompts.txt"), ["synth.py", "--prompts", "PATH", "--n", N_DEMO]
     else:
-        folder = path = os.path.join(DEMO_DATA, f"{kind}-{resolution}px-seed0-n{N_DEMO}")
-        args = ["synth.py" if kind == "shapes" else "scenes.py", "--out", "PATH", "--n", N_DEMO, "--size", resolution]
+        name, n = DEMO_KINDS[kind][0], DEMO_KINDS[kind][1] * N_DEMO
+        folder = path = os.path.join(DEMO_DATA, f"{name}-{resolution}px-seed0-n{n}")
+        args = ["synth.py" if kind == "shapes" else "scenes.py", "--out", "PATH", "--n", n, "--size", resolution]
     cmd = [sys.executable, os.path.join(ROOT, "toy", args[0])] + [path if a == "PATH" else str(a) for a in args[1:]]
 
     def make():

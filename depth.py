@@ -77,7 +77,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(ROOT, "assets", "demo", "depth_tiny.safetensors")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 QUANTILES = (0.02, 0.98)  # Marigold's robust per-image depth range
-NORMS = ("ours", "official")  # normalize_depth's two encodings (train.py --depth-norm)
+NORMS = ("ours", "official", "marigold")  # normalize_depth's encodings (train.py --depth-norm)
 FAR_PLANE = 120.0  # metres: the official cap (CompVis/diff2flow diff2flow/dataset/depth_preprocessing.py MAX_FAR_PLANE)
 # ColorBrewer "Spectral" (as matplotlib's), reversed so that 0 = near = warm
 SPECTRAL = np.array([(158, 1, 66), (244, 109, 67), (255, 255, 191), (102, 194, 165), (94, 79, 162)], float)
@@ -95,7 +95,8 @@ class DepthError(ValueError):
 def normalize_depth(depth, valid, norm="ours"):
     """Metric depth (B, 1, H, W) and valid mask -> per-image log depth in [-1, 1] by the 2%/98% quantiles
     of the valid pixels; invalid pixels = 1 (far). An image with no valid pixel is all 1.
-    norm="official": normalize_depth_official (the mask is not used, as there)."""
+    norm="official": normalize_depth_official (the mask is not used, as there). norm="marigold": depth itself,
+    not its log, by the same quantiles (Marigold's affine-invariant depth: evaluated aligned in depth space)."""
     if norm == "official":
         return torch.stack([normalize_depth_official(d) for d in depth]) if len(depth) else depth.float()
     out = torch.ones_like(depth, dtype=torch.float32)
@@ -103,9 +104,9 @@ def normalize_depth(depth, valid, norm="ours"):
         v = valid[i] & (depth[i] > 0) & torch.isfinite(depth[i])
         if not v.any():
             continue
-        logd = depth[i][v].double().log()
-        lo, hi = torch.quantile(logd, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-        y = (logd - lo) / max(hi - lo, 1e-6) * 2 - 1
+        d = depth[i][v].double() if norm == "marigold" else depth[i][v].double().log()
+        lo, hi = torch.quantile(d, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        y = (d - lo) / max(hi - lo, 1e-6) * 2 - 1
         out[i][v] = y.clamp(-1, 1).float()
     return out
 
@@ -205,7 +206,7 @@ def processing_size(H, W, res, multiple):
 
 @torch.no_grad()
 def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None):
-    """One image (3, H, W) in [-1, 1] -> (normalised log depth (H, W) in [-1, 1], -1 = near, and the
+    """One image (3, H, W) in [-1, 1] -> (normalised (log) depth (H, W) in [-1, 1], -1 = near, and the
     ensemble's spread (H, W)), computed at res (default: the model's resolution), returned at H x W."""
     H, W = image.shape[1:]
     vae, unet = bundle.vae, bundle.unet
@@ -219,7 +220,7 @@ def predict(bundle, image, steps=10, ensemble=4, seed=0, res=None, context=None)
                                      bundle.prediction, bundle.objective)
     noise = torch.randn((ensemble, *cond.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(device)
     z = diff2flow.sample_euler(model, noise, steps, context.expand(ensemble, -1, -1))
-    clip = bundle.meta.get("depth_norm", "ours") == "ours"  # the encoding it was trained on (train.py records it)
+    clip = bundle.meta.get("depth_norm", "ours") != "official"  # the encoding it was trained on (train.py records it)
     y, spread = ensemble_median(decode_depth(vae, z, clip)[:, 0].cpu())  # (h, w) each
     up = F.interpolate(torch.stack([y, spread])[None], (H, W), mode="bilinear", align_corners=False)[0]
     return up[0].clamp(-1, 1) if clip else up[0], up[1]

@@ -36,6 +36,7 @@ from diffusers_format import LoadError, find_in_hf_cache, hf_cache_dir  # noqa: 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
           "sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
 FORMAT = "diff2flow-minimal"  # metadata tag of checkpoints written by save()
+DECODER = ("decoder.", "post_quant_conv.")  # the VAE's way from latents to pixels (save(..., vae_decoder=True))
 
 
 def sd_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
@@ -404,6 +405,11 @@ def _load_unet_file(path, tensors, meta, dtype, prediction, objective):
     sd = _load_base(path, meta, dtype, prediction, objective)
     ucfg = _config(unet_mod.UNetConfig, meta["unet_config"])
     sd.unet = _build(unet_mod.UNet, ucfg, _strip(tensors, PREFIX["unet"]), "UNet", path)
+    decoder = _strip(tensors, PREFIX["vae"])
+    if decoder:  # save(..., vae_decoder=True): this model's own VAE decoder over the base's
+        if set(decoder) != {k for k in sd.vae.state_dict() if k.startswith(DECODER)}:
+            raise LoadError(f"{path}: holds part of a VAE ({len(decoder)} tensors), not its whole decoder; re-save it")
+        sd.vae = _build(vae_mod.AutoencoderKL, sd.vae.cfg, {**sd.vae.state_dict(), **decoder}, "VAE", path)
     sd.objective = objective or meta.get("objective", sd.objective)
     sd.prediction = prediction or meta.get("prediction", sd.prediction)
     return _named(sd, path, meta)
@@ -457,13 +463,15 @@ def metadata(sd, **extra):
     return meta
 
 
-def save(sd, path, dtype=None, base=None, **extra):
+def save(sd, path, dtype=None, base=None, vae_decoder=False, **extra):
     """Write the bundle as one original-layout .safetensors or .ckpt, atomically (common.atomic_path).
 
     base: the checkpoint this one was fine-tuned from (a path relative to `path`, absolute, or a repo
-    id). Then only the UNet is written and load() takes the VAE and text encoder from the base."""
+    id). Then only the UNet is written and load() takes the VAE and text encoder from the base;
+    vae_decoder=True writes the VAE's decoder too (a model that fine-tuned it: toy/depth_decoder.py)."""
+    keep = (PREFIX["unet"],) + ((PREFIX["vae"] + DECODER[0], PREFIX["vae"] + DECODER[1]) if vae_decoder else ())
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() and k != "alphas_cumprod" else v).contiguous().cpu()
-               for k, v in state_dict(sd).items() if not base or k.startswith(PREFIX["unet"])}
+               for k, v in state_dict(sd).items() if not base or k.startswith(keep)}
     if base:
         extra["base_model"] = base
     with atomic_path(path) as tmp:

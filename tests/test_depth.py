@@ -318,13 +318,14 @@ def test_evaluate_depth_command(pairs, model_path, tmp_path):
                           "--n", "2", "--baseline", pairs, "--processing-res", "32", "--json", str(tmp_path / "r.json"),
                           "--results", str(tmp_path / "RESULTS.md")])
     assert [(r["objective"], r["steps"], r["ensemble"]) for r in rows] == [
-        ("mean depth map", 0, 0), ("VAE floor", 0, 0), ("diff2flow", 1, 1), ("diff2flow", 1, 2)]
+        ("mean depth map", 0, 0), ("depth linear in row", 0, 0), ("VAE floor", 0, 0), ("diff2flow", 1, 1),
+        ("diff2flow", 1, 2)]
     for r in rows:
         assert 0 <= r["delta1"] <= r["delta2"] <= r["delta3"] <= 1 and r["abs_rel"] >= 0 and r["rmse"] >= 0
     assert json.loads((tmp_path / "r.json").read_text()) == rows
     section = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- begin depth -->" in section and "| diff2flow | 2 |" in section and "| VAE floor |" in section
-    assert "| mean depth map |" in section
+    assert "| mean depth map |" in section and "| depth linear in row |" in section and "% lower AbsRel" in section
     assert "`python toy/evaluate.py depth --ckpt " in section
     with pytest.raises(SystemExit, match="must be >= 1") as e:
         evaluate.main(["depth", "--data", pairs, "--ckpt", model_path, "--steps", "0"])
@@ -340,7 +341,7 @@ def test_heldout_scenes_are_written_once(tmp_path, monkeypatch):
     monkeypatch.setattr(depth_eval, "ROOT", str(tmp_path))
     monkeypatch.setattr(scenes, "write_pairs", lambda *a: calls.append(a) or os.makedirs(a[0]))
     first = depth_eval.heldout_scenes(size=16, n=3)
-    assert first == depth_eval.heldout_scenes(size=16, n=3) == str(tmp_path / "runs/data/scenes-16px-seed10001-n3")
+    assert first == depth_eval.heldout_scenes(size=16, n=3) == str(tmp_path / "runs/data/scenes-v2-16px-seed10001-n3")
     assert calls == [(first, 3, 16, scenes.TEST_SEED)] and os.path.exists(os.path.join(first, "done"))
 
 
@@ -358,6 +359,30 @@ def test_mean_depth_map_of_one_pair_is_its_normalised_depth_and_scores_as_it(pai
     torch.testing.assert_close(y, depth.normalize_depth(d[None, None], v[None, None])[0, 0])
     m = depth_eval.evaluate_constant(y, One(), depth.DEPTH_RANGES["scenes"])
     assert m["delta1"] > 0.99 and m["abs_rel"] < 0.02  # its own depth, up to the quantile clipping
+
+
+def test_row_baseline_is_exact_on_a_depth_linear_in_the_row():
+    """depth_eval.row_ramp aligned by least squares in depth space reproduces a depth that is linear in the row
+    (a floor seen head-on is not, so the baseline is not trivially perfect on scenes)."""
+    gt = 1.0 + 0.25 * torch.arange(32.0)[:, None].expand(32, 32)  # 1 m at the top .. 8.75 m at the bottom
+    m = depth.depth_metrics(depth_eval.row_ramp(32), gt, gt > 0, 0.1, 30, align="depth")
+    assert m["abs_rel"] < 1e-6 and m["delta1"] == 1.0
+    m = depth.depth_metrics(depth_eval.row_ramp(32), 1 / (0.1 + torch.arange(32.0)[:, None].expand(32, 32) / 8),
+                            torch.ones(32, 32, dtype=torch.bool), 0.1, 30, align="depth")
+    assert m["abs_rel"] > 0.1  # 1/row, a floor's depth: not linear in the row
+
+
+def test_marigold_encoding_is_affine_invariant_and_linear_in_depth():
+    """--depth-norm marigold: depth itself mapped to [-1, 1] by its 2%/98% quantiles, so a*depth + b (a > 0) encodes
+    the same; the log encoding ("ours") is only scale-invariant."""
+    d = 0.5 + 6 * torch.rand(1, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    v = torch.ones_like(d, dtype=torch.bool)
+    y = depth.normalize_depth(d, v, "marigold")
+    lo, hi = torch.quantile(d.double().flatten(), torch.tensor([0.02, 0.98], dtype=torch.float64))
+    torch.testing.assert_close(y, ((d - lo) / (hi - lo) * 2 - 1).clamp(-1, 1).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(depth.normalize_depth(3 * d + 2, v, "marigold"), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(depth.normalize_depth(3 * d, v), depth.normalize_depth(d, v), atol=1e-5, rtol=0)
+    assert (depth.normalize_depth(3 * d + 2, v) - depth.normalize_depth(d, v)).abs().max() > 0.05
 
 
 @pytest.mark.skipif(not os.path.exists(depth.DEMO), reason="needs the depth demo (toy/make_depth_demo.sh)")
@@ -568,3 +593,42 @@ def test_depth_cache_is_disk_shards_per_source_reused_on_resume_and_read_lazily(
     w = data.CacheWriter(str(folder / "00002.safetensors"), depth.CACHE_NAMES)
     w.append(-x1, cond + 1), w.close()
     assert torch.equal(ds[1][0], -x1[1]) and torch.equal(ds[2][1], cond[2] + 1)
+
+
+# ----------------------------------------------------------------------------- a depth model's own VAE decoder (#18)
+
+def test_depth_decoder_is_tuned_saved_beside_its_base_and_loaded(pairs, tmp_path):
+    """toy/depth_decoder.py on a tiny depth model saved UNet-only beside its base: the file it writes holds the UNet and
+    the tuned decoder (sd.save(..., vae_decoder=True)); sd.load takes those and the encoder / text encoder of the
+    base. A file with only part of a decoder is refused by name; --out is never overwritten."""
+    import depth_decoder
+    import train
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    run = sd.load(tiny_depth_run(pairs, tmp_path / "run", "--steps", "1"))
+    base = str(tmp_path / "base.safetensors")
+    sd.save(sd.load(train.DEMO_PRIOR), base)
+    unet_only = str(tmp_path / "model.safetensors")
+    sd.save(run, unet_only, base="base.safetensors", **{k: run.meta[k] for k in ("task", "resolution", "steps")})
+    out = str(tmp_path / "sub" / "tuned.safetensors")
+    os.makedirs(os.path.dirname(out))
+    depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--steps", "2", "--batch-size", "2",
+                        "--warmup", "1"])
+    with safe_open(out, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["base_model"] == os.path.join("..", "base.safetensors") and meta["decoder_steps"] == "2"
+    assert {k.split(".")[1] for k in keys if k.startswith("first_stage_model.")} == {"decoder", "post_quant_conv"}
+    tuned, b = sd.load(out), sd.load(base)
+    assert tuned.meta["task"] == "depth" and tuned.unet.cfg.in_channels == 8
+    enc = lambda m: torch.cat([p.flatten() for p in m.vae.encoder.parameters()])
+    dec = lambda m: torch.cat([p.flatten() for p in m.vae.decoder.parameters()])
+    torch.testing.assert_close(enc(tuned), enc(b), atol=0, rtol=0)
+    assert not torch.equal(dec(tuned), dec(b))
+    tensors = load_file(out)
+    save_file({k: v for k, v in tensors.items() if "decoder.up" not in k}, str(tmp_path / "sub" / "part.safetensors"),
+              metadata=meta)
+    with pytest.raises(sd.LoadError, match="part of a VAE"):
+        sd.load(str(tmp_path / "sub" / "part.safetensors"))
+    with pytest.raises(SystemExit, match="exists"):
+        depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--steps", "1"])
+

@@ -1,9 +1,11 @@
 """Synthetic indoor scenes with exact metric depth: our stand-in for Hypersim (image-to-depth, depth.py).
 
-A room (floor, walls, and a ceiling unless the room is open to the sky) with boxes (turned about the
-vertical axis) and spheres standing on the floor, textured (flat, checker, stripes or smooth noise, in
-world coordinates), lit by ambient light plus a point lamp that casts shadows, seen by a random pinhole
-camera. Everything is a vectorised numpy ray cast, so depth is exact: depth = planar z-distance along
+A room of random size (floor, walls, and a ceiling unless the room is open to the sky) with 0-8 boxes
+(turned about the vertical axis, a few hanging as shelves), spheres and upright cylinders of random sizes,
+plain or textured (checker, stripes or smooth noise, in world coordinates), lit by ambient light of random
+level, a point lamp of random place and strength that casts shadows and, in open rooms, a sun from a random
+direction, seen by a pinhole camera of random place, height, yaw, pitch, roll and field of view: varied
+enough that a depth model has to read the image, not learn one room layout. Everything is a vectorised numpy ray cast, so depth is exact: depth = planar z-distance along
 the camera's viewing axis (what Hypersim's and Marigold's evaluations use, not the distance along the
 ray), in metres. Rays that leave an open room see the sky: no depth there (invalid, stored as 0).
 
@@ -20,7 +22,11 @@ Written as the pair-folder layout depth.py reads:
     python toy/scenes.py --out runs/scenes --n 1000 --size 64 --seed 0
 """
 import argparse
+import contextlib
+import functools
 import json
+import multiprocessing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +41,8 @@ SUPERSAMPLE = 2
 
 @dataclass
 class Surface:
-    """One primitive: kind 'plane' (point, normal, y_max cut for open rooms), 'sphere' (centre, radius) or
-    'box' (centre, half sizes, yaw in radians), with its material."""
+    """One primitive: kind 'plane' (point, normal, y_max cut for open rooms), 'sphere' (centre, radius), 'box'
+    (centre, half sizes, yaw in radians) or 'cylinder' (centre of its base, radius, height), with its material."""
     kind: str
     geom: dict
     colors: np.ndarray  # (2, 3) linear RGB in [0, 1]: the texture mixes the two
@@ -52,6 +58,9 @@ class Scene:
     fov: float  # horizontal field of view, radians
     light: np.ndarray  # (3,) point lamp
     sky: bool  # open room: no ceiling, rays may leave
+    ambient: float = 0.3  # light everywhere, shadow or not
+    lamp: float = 6.0  # the point lamp's strength (falls off as 1 / (1 + distance^2))
+    sun: np.ndarray = None  # (3,) towards the sun, its length the strength: directional light (open rooms)
 
 
 # ----------------------------------------------------------------------------- intersections, vectorised
@@ -102,7 +111,29 @@ def hit_box(o, d, g):
     return t, local @ R.T
 
 
-HIT = {"plane": hit_plane, "sphere": hit_sphere, "box": hit_box}
+def hit_cylinder(o, d, g):
+    """An upright cylinder (centre of its base, radius, height): the side by the quadratic in xz, the flat top
+    and bottom caps by their planes; the nearest valid of the four roots."""
+    oc = o - g["center"]
+    a = d[:, 0] ** 2 + d[:, 2] ** 2
+    b = oc[:, 0] * d[:, 0] + oc[:, 2] * d[:, 2]
+    c = oc[:, 0] ** 2 + oc[:, 2] ** 2 - g["radius"] ** 2
+    root = np.sqrt(np.maximum(b * b - a * c, 0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ts = [(-b - root) / a, (-b + root) / a, -oc[:, 1] / d[:, 1], (g["height"] - oc[:, 1]) / d[:, 1]]
+    best, normal = np.full(len(o), np.inf), np.zeros_like(o)
+    for k, t in enumerate(ts):
+        t = np.nan_to_num(t, nan=np.inf, posinf=np.inf, neginf=np.inf)
+        q = oc + np.where(np.isfinite(t), t, 0)[:, None] * d
+        inside = (q[:, 1] >= 0) & (q[:, 1] <= g["height"]) if k < 2 else \
+            (q[:, 0] ** 2 + q[:, 2] ** 2 <= g["radius"] ** 2)
+        ok = inside & (t > EPS) & (t < best) & ((b * b - a * c >= 0) if k < 2 else True)
+        n = q * [1, 0, 1] / g["radius"] if k < 2 else np.broadcast_to([0.0, -1.0 if k == 2 else 1.0, 0], o.shape)
+        best, normal = np.where(ok, t, best), np.where(ok[:, None], n, normal)
+    return best, normal
+
+
+HIT = {"plane": hit_plane, "sphere": hit_sphere, "box": hit_box, "cylinder": hit_cylinder}
 
 
 def cast(surfaces, o, d):
@@ -146,8 +177,13 @@ def shade(scene, o, d):
     ldir = to_l / np.maximum(dist, 1e-9)[:, None]
     ts, _, _ = cast(scene.surfaces, p + EPS * 10 * n, ldir)
     lit = ts > dist  # nothing between the point and the lamp
-    diffuse = np.clip((n * ldir).sum(1), 0, None) * lit * 6.0 / (1.0 + dist**2)  # inverse-square-like falloff
-    rgb = albedo * (0.3 + diffuse)[:, None]
+    diffuse = np.clip((n * ldir).sum(1), 0, None) * lit * scene.lamp / (1.0 + dist**2)  # inverse-square-like
+    if scene.sun is not None:  # parallel rays: lit where nothing lies between the point and the sky
+        strength = np.linalg.norm(scene.sun)
+        sdir = np.broadcast_to(scene.sun / strength, p.shape)
+        ts, _, _ = cast(scene.surfaces, p + EPS * 10 * n, sdir)
+        diffuse = diffuse + np.clip((n * sdir).sum(1), 0, None) * np.isinf(ts) * strength
+    rgb = albedo * (scene.ambient + diffuse)[:, None]
     sky = np.array([0.55, 0.7, 0.95]) * (0.8 + 0.2 * d[:, 1:2].clip(0, 1))
     rgb = np.where(hit[:, None], rgb, sky)
     depth = np.where(hit, t * (d @ scene.rot[:, 2]), 0.0)  # planar depth along the viewing axis
@@ -178,10 +214,11 @@ def render(scene, size=64):
 # ----------------------------------------------------------------------------- random scenes
 
 def random_material(rng, scale_range=(0.3, 1.2)):
-    """Two colours of one random hue family (or a contrasting second), a texture and its parameters."""
-    base = rng.uniform(0.1, 0.9, 3)
-    other = np.clip(base * rng.uniform(0.3, 0.8) if rng.random() < 0.6 else rng.uniform(0.1, 0.9, 3), 0, 1)
-    kind = ("flat", "checker", "stripes", "noise")[rng.integers(4)]
+    """Two colours of one random hue family (or a contrasting second) and a texture, plain (flat) in 40% of
+    the cases, with its parameters."""
+    base = rng.uniform(0.05, 0.95, 3)
+    other = np.clip(base * rng.uniform(0.3, 0.8) if rng.random() < 0.6 else rng.uniform(0.05, 0.95, 3), 0, 1)
+    kind = "flat" if rng.random() < 0.4 else ("checker", "stripes", "noise")[rng.integers(3)]
     direction = rng.normal(size=3)
     tex = dict(scale=rng.uniform(*scale_range), dir=direction / np.linalg.norm(direction),
                freqs=rng.normal(size=(4, 3)), phases=rng.uniform(0, 2 * np.pi, 4))
@@ -199,57 +236,92 @@ def room(rng, w, dd, h, sky):
         g = dict(point=np.array(point, float), normal=np.array(normal, float))
         if sky and normal[1] == 0:
             g["y_max"] = h
-        out.append(Surface("plane", g, *random_material(rng)))
+        out.append(Surface("plane", g, *random_material(rng, (0.2, 2.0))))
     return out
 
 
-def furniture(rng, w, dd):
-    """1-4 boxes and 0-3 spheres standing on the floor, away from the camera end of the room."""
-    out = []
-    for _ in range(rng.integers(1, 5)):
-        half = rng.uniform([0.15, 0.15, 0.15], [0.7, 0.9, 0.7])
-        c = np.array([rng.uniform(-w / 2 + 0.3, w / 2 - 0.3), half[1], rng.uniform(1.5, dd - 0.3)])
-        out.append(Surface("box", dict(center=c, half=half, yaw=rng.uniform(0, np.pi / 2)),
-                           *random_material(rng, (0.1, 0.4))))
-    for _ in range(rng.integers(0, 4)):
-        r = rng.uniform(0.15, 0.6)
-        c = np.array([rng.uniform(-w / 2 + r, w / 2 - r), r, rng.uniform(1.5, dd - r)])
-        out.append(Surface("sphere", dict(center=c, radius=r), *random_material(rng, (0.05, 0.3))))
-    return out
+def random_object(rng, w, dd, h):
+    """One box, sphere or cylinder of random size standing on the floor (or, a few boxes, hanging from the
+    ceiling height as shelves), anywhere in the room from 0.8 m before the camera's end wall."""
+    kind = ("box", "box", "sphere", "cylinder")[rng.integers(4)]
+    size = rng.uniform(0.08, 1.0) * rng.uniform(0.4, 1.0, 3)  # flat, tall, long or cube-like
+    x, z = rng.uniform(-w / 2 + 0.1, w / 2 - 0.1), rng.uniform(0.8, dd - 0.1)
+    mat = random_material(rng, (0.05, 0.5))
+    if kind == "sphere":
+        r = size[0]
+        return Surface("sphere", dict(center=np.array([x, r, z]), radius=r), *mat)
+    if kind == "cylinder":
+        return Surface("cylinder", dict(center=np.array([x, 0.0, z]), radius=size[0], height=3 * size[1]), *mat)
+    half = size * [1, 1.6, 1]
+    y = half[1] if rng.random() < 0.85 else rng.uniform(half[1] + 0.3, max(half[1] + 0.31, h - half[1]))
+    return Surface("box", dict(center=np.array([x, y, z]), half=half, yaw=rng.uniform(0, np.pi / 2)), *mat)
 
 
-def camera(rng, w, h):
-    """Eye near the back wall (z ~ 0), looking into the room with some yaw and a downward pitch."""
-    eye = np.array([rng.uniform(-w / 4, w / 4), rng.uniform(0.8, min(2.0, h - 0.3)), rng.uniform(-0.5, 0.5)])
-    yaw, pitch = rng.uniform(-0.4, 0.4), rng.uniform(-0.45, 0.05)
+def clear_of(eye, surface, margin=0.25):
+    """Whether the camera stands outside the object (its bounding sphere plus a margin)."""
+    g = surface.geom
+    c = g["center"] + ([0, g["height"] / 2, 0] if surface.kind == "cylinder" else 0)
+    r = {"sphere": lambda: g["radius"], "cylinder": lambda: np.hypot(g["radius"], g["height"] / 2),
+         "box": lambda: np.linalg.norm(g["half"])}[surface.kind]()
+    return np.linalg.norm(eye - c) > r + margin
+
+
+def camera(rng, w, dd, h):
+    """Eye anywhere in the front third of the room at 0.3-2.6 m, looking into it with yaw, pitch (from
+    looking down steeply to slightly up) and a little roll; horizontal field of view 35-95 degrees."""
+    eye = np.array([rng.uniform(-w / 2.5, w / 2.5), rng.uniform(0.3, min(2.6, h - 0.2)), rng.uniform(-0.8, dd / 3)])
+    yaw, pitch, roll = rng.uniform(-0.8, 0.8), rng.uniform(-0.75, 0.25), rng.uniform(-0.08, 0.08)
     fwd = np.array([np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)])
     right = np.cross([0, 1, 0], fwd)
     right /= np.linalg.norm(right)
     up = np.cross(fwd, right)
-    return eye, np.stack([right, up, fwd], 1), rng.uniform(np.deg2rad(50), np.deg2rad(80))
+    right, up = np.cos(roll) * right + np.sin(roll) * up, np.cos(roll) * up - np.sin(roll) * right
+    return eye, np.stack([right, up, fwd], 1), rng.uniform(np.deg2rad(35), np.deg2rad(95))
+
+
+def lights(rng, w, dd, h, sky):
+    """The point lamp (anywhere under the ceiling height), its strength, the ambient level and, for open
+    rooms, a sun from a random direction above the horizon with a random strength."""
+    lamp = np.array([rng.uniform(-w / 2.2, w / 2.2), rng.uniform(0.5, 0.95) * h, rng.uniform(0, dd)])
+    sun = None
+    if sky:
+        el, az = rng.uniform(0.2, 1.4), rng.uniform(0, 2 * np.pi)
+        sun = rng.uniform(0.3, 1.2) * np.array([np.cos(el) * np.sin(az), np.sin(el), np.cos(el) * np.cos(az)])
+    return lamp, rng.uniform(2.0, 12.0), rng.uniform(0.08, 0.5), sun
 
 
 def make_scene(seed, i):
-    """Scene i of seed `seed`: depends on (seed, i) only, so any subset can be rebuilt in any order."""
+    """Scene i of seed `seed`: depends on (seed, i) only, so any subset can be rebuilt in any order. Rooms from
+    2.5 x 3 m to 12 x 20 m, 2.2-5 m high (30% open to the sky), 0-8 objects the camera is not inside."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-    w, dd, h = rng.uniform(4, 9), rng.uniform(5, 14), rng.uniform(2.4, 3.6)
-    sky = rng.random() < 0.25
-    surfaces = room(rng, w, dd, h, sky) + furniture(rng, w, dd)
-    eye, rot, fov = camera(rng, w, h)
-    light = np.array([rng.uniform(-w / 3, w / 3), h - 0.2, rng.uniform(1, dd * 0.7)])
-    return Scene(surfaces, eye, rot, fov, light, sky)
+    w, dd, h = rng.uniform(2.5, 12), rng.uniform(3, 20), rng.uniform(2.2, 5.0)
+    sky = rng.random() < 0.3
+    eye, rot, fov = camera(rng, w, dd, h)
+    objects = [random_object(rng, w, dd, h) for _ in range(rng.integers(0, 9))]
+    surfaces = room(rng, w, dd, h, sky) + [o for o in objects if clear_of(eye, o)]
+    light, lamp, ambient, sun = lights(rng, w, dd, h, sky)
+    return Scene(surfaces, eye, rot, fov, light, sky, ambient, lamp, sun)
 
 
-def write_pairs(out, n, size=64, seed=TRAIN_SEED, start=0):
-    """Scenes start..start+n-1 as out/rgb/NAME.png + out/depth/NAME.png (uint16 mm, 0 = invalid)."""
+def write_pair(out, size, seed, i):
+    """Scene i as out/rgb/NAME.png + out/depth/NAME.png (uint16 mm, 0 = invalid)."""
+    rgb, depth = render(make_scene(seed, i), size)
+    mm = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)
+    Image.fromarray(rgb).save(out / "rgb" / f"{i:05d}.png")
+    Image.fromarray(mm).save(out / "depth" / f"{i:05d}.png")  # PIL writes uint16 arrays as 16-bit PNG
+
+
+def write_pairs(out, n, size=64, seed=TRAIN_SEED, start=0, workers=1):
+    """Scenes start..start+n-1 as a pair folder, rendered by `workers` processes (each scene depends on (seed, i)
+    only, so the files are the same for any number)."""
     out = Path(out)
     (out / "rgb").mkdir(parents=True, exist_ok=True)
     (out / "depth").mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(start, start + n), desc=f"writing {out}", dynamic_ncols=True):
-        rgb, depth = render(make_scene(seed, i), size)
-        mm = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)
-        Image.fromarray(rgb).save(out / "rgb" / f"{i:05d}.png")
-        Image.fromarray(mm).save(out / "depth" / f"{i:05d}.png")  # PIL writes uint16 arrays as 16-bit PNG
+    job, ids = functools.partial(write_pair, out, size, seed), range(start, start + n)
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for _ in tqdm((pool.imap_unordered if pool else map)(job, ids, *[max(1, n // (8 * workers))] * bool(pool)),
+                      total=n, desc=f"writing {out}", dynamic_ncols=True):
+            pass
     return out
 
 
@@ -261,10 +333,12 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=TRAIN_SEED,
                    help=f"stream seed: < {HELDOUT_FROM} for training data, {TEST_SEED} for held-out tests")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="rendering processes (default: %(default)s, up to 4 of this machine's cores)")
     a = p.parse_args(argv)
-    if a.n < 1 or a.size < 1:
-        raise SystemExit("scenes.py: error: --n and --size must be >= 1")
-    write_pairs(a.out, a.n, a.size, a.seed)
+    if a.n < 1 or a.size < 1 or a.workers < 1:
+        raise SystemExit("scenes.py: error: --n, --size and --workers must be >= 1")
+    write_pairs(a.out, a.n, a.size, a.seed, workers=a.workers)
     print(json.dumps({"out": a.out, "n": a.n, "size": a.size, "seed": a.seed}))
 
 
