@@ -212,7 +212,8 @@ def composite_object(kind, rng):
         fn = stairs(w, n, rise, run)
         return (lambda p: fn(shifted(p, (0, 0, -n * run / 2)))), float(np.hypot(w, n * run / 2)), n * rise
     w, h = rng.uniform(0.6, 1.3), rng.uniform(1.2, 2.4)
-    return arch(w, h, rng.uniform(0.1, 0.3), w * rng.uniform(0.4, 0.7)), w, h
+    thick = rng.uniform(0.1, 0.3)
+    return arch(w, h, thick, w * rng.uniform(0.4, 0.7)), float(np.hypot(w, thick)), h
 
 
 OBJECT_KINDS = ("sphere", "cylinder", "lying_cylinder", "cone", "torus", "capsule", "round_box",
@@ -247,6 +248,7 @@ class Part:
     rot: np.ndarray = field(default_factory=lambda: IDENTITY)
     casts: bool = True
     zones: tuple = ()  # shell only: (floor Material, ceiling Material, ceiling height); material = walls
+    bound: tuple = None  # (centre (3,), radius): a sphere holding the solid (a speed-up of scene_sdf only)
 
     def local(self, p):
         """World points (N, 3) in this part's frame."""
@@ -276,7 +278,7 @@ class Light:
 
 
 @dataclass
-class Scene:
+class World:
     parts: list
     camera: Camera
     light: Light
@@ -285,10 +287,16 @@ class Scene:
 
 
 def scene_sdf(parts, p):
-    """Distance (N,) from p (N, 3) to the union of `parts`."""
+    """Distance (N,) from p (N, 3) to the union of `parts`. A part with a bounding sphere is evaluated only at
+    the points its sphere is nearer than the union so far (elsewhere it cannot be the minimum): same result."""
     d = np.full(len(p), np.inf)
     for part in parts:
-        d = np.minimum(d, part.dist(p))
+        if part.bound is None:
+            d = np.minimum(d, part.dist(p))
+            continue
+        near = np.flatnonzero(length(p - part.bound[0]) - part.bound[1] < d)
+        if len(near):
+            d[near] = np.minimum(d[near], part.dist(p[near]))
     return d
 
 
@@ -637,15 +645,16 @@ def place_objects(rng, rects, discs, pal, count):
         else:
             continue  # no room left for it
         centre = np.array([xz[0], 0.0, xz[1]])
-        parts.append(Part(fn, material(rng, pal), centre, yaw_matrix(rng.uniform(0, 2 * np.pi))))
+        bound = (centre + [0, height / 2, 0], float(np.hypot(radius, height / 2)) + 0.05)
+        parts.append(Part(fn, material(rng, pal), centre, yaw_matrix(rng.uniform(0, 2 * np.pi)), bound=bound))
         discs.append((xz[0], xz[1], radius))
         targets.append(centre + [0, height / 2, 0])
     return parts, np.array(targets).reshape(-1, 3)
 
 
 def place_camera(rng, parts, rects, ceiling, targets):
-    """A camera in the free space (>= 0.4 m from every surface), aimed near an object it can see, pitch
-    clipped to [-40, +12] degrees, roll within 6 degrees, vertical field of view 35-75 degrees."""
+    """A camera in the free space (>= 0.4 m from every surface), aimed near an object 1.2-7 m away that it can
+    see, pitch clipped to [-40, +12] degrees, roll within 6 degrees, vertical field of view 35-75 degrees."""
     top = 2.5 if ceiling is None else min(2.5, ceiling - 0.4)
     best = None
     for _ in range(60):
@@ -658,7 +667,10 @@ def place_camera(rng, parts, rects, ceiling, targets):
             aim = np.array([x, 1.0, z])
         to = aim - eye
         dist = length(to)
-        if scene_sdf(parts, eye[None])[0] < 0.4 or dist < 1.2:
+        if scene_sdf(parts, eye[None])[0] < 0.4:
+            continue
+        best = best or (eye, look_rotation(np.arctan2(to[0], to[2]), 0.0, 0.0))  # clear of surfaces, at least
+        if not 1.2 < dist < 7.0:
             continue
         yaw = np.arctan2(to[0], to[2])
         pitch = np.clip(np.arctan2(to[1], np.hypot(to[0], to[2])) + rng.normal(0, 0.05), np.deg2rad(-40), np.deg2rad(12))
@@ -695,7 +707,7 @@ def make_scene(seed, i):
     objects, targets = place_objects(rng, rects, discs, pal, int(rng.integers(2, 7)))
     parts = shell_parts + objects
     camera = place_camera(rng, parts, rects, ceiling, targets)
-    return Scene(parts, camera, make_light(rng, kind == "outdoor"), kind == "outdoor", kind)
+    return World(parts, camera, make_light(rng, kind == "outdoor"), kind == "outdoor", kind)
 
 
 def write_pairs(out, n, size=64, seed=EVAL_SEED, start=0):
@@ -705,12 +717,16 @@ def write_pairs(out, n, size=64, seed=EVAL_SEED, start=0):
     (out / "rgb").mkdir(parents=True, exist_ok=True)
     (out / "depth").mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(start, start + n), desc=f"writing {out}", dynamic_ncols=True):
-        rgb, depth = render(make_scene(seed, i), size)
-        mm = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)
-        for array, sub in ((rgb, "rgb"), (mm, "depth")):
-            with common.atomic_path(out / sub / f"{i:05d}.png") as tmp:
-                Image.fromarray(array).save(tmp)  # PIL writes a uint16 array as a 16-bit grey PNG
+        save_pair(out, f"{i:05d}", *render(make_scene(seed, i), size))
     return out
+
+
+def save_pair(out, name, rgb, depth):
+    """out/rgb/NAME.png (8-bit RGB) and out/depth/NAME.png (uint16 millimetres, 0 = invalid), atomically."""
+    mm = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)
+    for array, sub in ((rgb, "rgb"), (mm, "depth")):
+        with common.atomic_path(Path(out) / sub / f"{name}.png") as tmp:
+            Image.fromarray(array).save(tmp)  # PIL writes a uint16 array as a 16-bit grey PNG
 
 
 def main(argv=None):
