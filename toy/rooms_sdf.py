@@ -353,20 +353,24 @@ def refine(parts, o, d, t, hit, iters=3):
     return out
 
 
-def soft_shadow(parts, p, light_dir, k, steps=40, t_max=12.0):
-    """Sun visibility in [0, 1] (N,) at p: march towards the sun, keep min(k h / t) (penumbra estimate)."""
+def soft_shadow(parts, p, light_dir, k, steps=32, t_max=12.0):
+    """Sun visibility in [0, 1] (N,) at p: march towards the sun keeping min(k h / t) (a penumbra estimate).
+    A ray stops when blocked, when it rises above every bounded caster's top, or past t_max."""
     n = len(p)
     res, t = np.ones(n), np.full(n, 0.02)
+    tops = [q.bound[0][1] + q.bound[1] if q.bound is not None else np.inf for q in parts]
+    top = max(tops, default=-np.inf)
     active = np.arange(n)
     for _ in range(steps):
-        if not len(active) or not parts:
+        if not len(active):
             break
         ta = t[active]
-        h = scene_sdf(parts, p[active] + ta[:, None] * light_dir)
+        q = p[active] + ta[:, None] * light_dir
+        h = scene_sdf(parts, q)
         res[active] = np.minimum(res[active], np.clip(k * h / ta, 0, 1))
-        t[active] = ta + np.clip(h, 0.02, 0.6)
-        active = active[(h > 1e-3) & (t[active] < t_max)]
-    return res * res * (3 - 2 * res)  # smoothstep: softer ramp
+        t[active] = ta + np.clip(h, 0.03, 1.0)
+        active = active[(res[active] > 0.02) & (t[active] < t_max) & (q[:, 1] < top)]
+    return res * res * (3 - 2 * res)  # smoothstep: a softer ramp
 
 
 # ----------------------------------------------------------------------------- textures and palette
@@ -500,8 +504,9 @@ def shade_hits(scene, p, d, t):
     n /= np.maximum(length(n), 1e-12)[:, None]
     albedo, spec, shin = surface_colours(parts, p, n, nearest_part(parts, p))
     casters = [q for q in parts if q.casts]
-    sun = soft_shadow(casters, p + 2e-3 * n, light.sun, light.penumbra)
-    lambert = np.clip(n @ light.sun, 0, 1) * sun
+    lambert = np.clip(n @ light.sun, 0, 1)
+    lit = np.flatnonzero(lambert > 0)  # facing away: no shadow ray needed
+    lambert[lit] *= soft_shadow(casters, p[lit] + 2e-3 * n[lit], light.sun, light.penumbra)
     up = 0.5 + 0.5 * n[:, 1:2]
     ambient = (up * light.sky_rgb + (1 - up) * light.ground_rgb) * ambient_occlusion(parts, p, n)[:, None]
     half = light.sun - d
@@ -611,7 +616,7 @@ def space_rooms(rng, kind, pal):
             r = rng.uniform(0.15, 0.35)
             fn = (lambda p, r=r: sd_cylinder(shifted(p, (0, h / 2, 0)), r, h / 2 + 0.1)) if rng.random() < 0.6 else \
                 (lambda p, r=r: sd_round_box(shifted(p, (0, h / 2, 0)), (r, h / 2 + 0.1, r), 0.03))
-            parts.append(Part(fn, column, np.array([x, 0.0, z])))
+            parts.append(Part(fn, column, np.array([x, 0.0, z]), bound=(np.array([x, h / 2, z]), h / 2 + 2 * r)))
             discs.append((x, z, r * 1.5))
     return parts, rects, h, discs
 
@@ -627,7 +632,7 @@ def space_outdoor(rng, pal):
         a = rng.uniform(0, 2 * np.pi)
         c = np.array([np.cos(a), 0, np.sin(a)]) * rng.uniform(6.5, half - 0.5)
         parts.append(Part(lambda p, s=size: sd_round_box(shifted(p, (0, s[1], 0)), s, 0.05), wall, c,
-                          yaw_matrix(rng.uniform(0, np.pi))))
+                          yaw_matrix(rng.uniform(0, np.pi)), bound=(c + [0, size[1], 0], float(length(size)) + 0.05)))
     return parts, [(-5.5, -5.5, 5.5, 5.5)], None, []
 
 
