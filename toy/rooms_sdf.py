@@ -48,7 +48,7 @@ import common  # noqa: E402
 
 EVAL_SEED = 20_001  # evaluation only: no training stream may use this renderer at all
 SS = 2  # colour supersampling per axis
-MAX_STEPS = 96  # sphere-tracing budget per ray
+MAX_STEPS = 192  # sphere-tracing budget per ray (grazing rays along a wall need ~100-150)
 HIT_EPS = 1e-3  # a ray hits when sdf < HIT_EPS * t (1/18 of a pixel at 64 px, 60 degrees)
 T_MAX = 40.0  # metres: beyond it a ray has left the scene (sky)
 DEPTH_RANGE = (0.1, 30.0)  # depth.DEPTH_RANGES["scenes"]: valid depths lie strictly inside
