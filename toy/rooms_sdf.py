@@ -736,9 +736,9 @@ def save_pair(out, name, rgb, depth):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Write sphere-traced SDF scenes with exact metric depth (rgb/NAME.png + depth/NAME.png, "
-        "16-bit millimetres, 0 = invalid) for evaluating depth.py models on a renderer they never trained on. "
-        "Evaluation only: it shares no code with toy/scenes.py, the training scenes.",
+        description="Write sphere-traced SDF scenes with exact metric depth as a pair folder (rgb/NAME.png +\n"
+        "depth/NAME.png, 16-bit millimetres, 0 = invalid), for evaluating depth.py models on a renderer they\n"
+        "never trained on. Evaluation only: it shares no code with toy/scenes.py (the training scenes).",
         formatter_class=common.DefaultsOnce)
     p.add_argument("--out", required=True, help="output folder (new, or without rgb/ depth/ images)")
     p.add_argument("--n", type=int, default=128, help="number of scenes")
@@ -752,7 +752,10 @@ def main(argv=None):
     taken = [s for s in ("rgb", "depth") if os.path.isdir(os.path.join(a.out, s)) and os.listdir(os.path.join(a.out, s))]
     if taken:
         common.usage_error(f"{a.out}/{taken[0]} already holds files; pick a new --out (nothing is overwritten)")
-    write_pairs(a.out, a.n, a.size, a.seed)
+    try:
+        write_pairs(a.out, a.n, a.size, a.seed)
+    except OSError as e:
+        common.fail(f"{a.out}: cannot write the pairs there ({type(e).__name__}: {e.strerror or e})")
     print(json.dumps({"out": a.out, "n": a.n, "size": a.size, "seed": a.seed}))
 
 
