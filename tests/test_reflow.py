@@ -214,6 +214,12 @@ def test_evaluate_pipeline_writes_the_results_section(student, teacher, tmp_path
     assert rows["teacher", 4]["calls"] == 8 and rows["reflow", 4]["calls"] == 4  # CFG doubles the teacher's calls
     text = (tmp_path / "R.md").read_text()
     assert "<!-- begin reflow -->" in text and "| reflow | 4 | 4 |" in text and "Straightness" in text
+    # each attribute apart, against the real images (the ceiling) and their VAE reconstructions
+    real = next(r for r in res["attributes"] if r["model"] == "real images")
+    assert all(0 <= rows["reflow", 4][f"acc_{a}"] <= 1 for a in reflow_eval.ATTRS)
+    assert rows["reflow", 4]["acc"] == pytest.approx(sum(rows["reflow", 4][f"acc_{a}"] for a in reflow_eval.ATTRS) / 5)
+    assert f"| real images | - | {real['acc_shape']:.3f} |" in text and "| VAE reconstructions | - |" in text
+    assert "| shape / ceiling |" in text and "prior" not in text
 
 
 def test_evaluate_reflow_command_writes_the_section_and_the_raw_numbers(student, teacher, tmp_path):
@@ -227,6 +233,7 @@ def test_evaluate_reflow_command_writes_the_section_and_the_raw_numbers(student,
     assert {(r["model"], r["steps"]) for r in res["rows"]} == {
         *((m, k) for m in ("teacher", "reflow") for k in (1, 2, 4, 8)), ("teacher", 25), ("teacher", 40)}
     assert "Written by `python toy/evaluate.py reflow`" in md.read_text()
+    assert [(r["model"], r["steps"]) for r in res["attributes"][2:]] == [("prior (32 px)", 4), ("prior (32 px)", 25)]
     with pytest.raises(SystemExit, match="--n and --threads must be >= 1") as e:
         evaluate.main(["reflow", "--n", "0"])
     assert e.value.code == 2

@@ -110,5 +110,44 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 2
     assert sorted(p.name for p in (tmp_path / "s" / "depth").iterdir()) == ["00000.png", "00001.png"]
-    with pytest.raises(SystemExit, match="--n and --size"):
+    with pytest.raises(SystemExit, match="--n, --size and --workers"):
         scenes.main(["--out", str(tmp_path / "x"), "--n", "0"])
+
+
+def test_cylinder_side_caps_and_misses():
+    """An upright cylinder, base centre (0, 0, 5), radius 1, height 2: along +z at y = 1 its side at z = 4; from above
+    (y = 10, straight down) its top cap at t = 8; past its top (y = 3) nothing; from inside, the far side."""
+    g = dict(center=np.array([0.0, 0, 5]), radius=1.0, height=2.0)
+    o = np.array([[0.0, 1, 0], [0, 10, 5], [0, 3, 0], [0, 1, 5]])
+    d = np.array([[0.0, 0, 1], [0, -1, 0], [0, 0, 1], [0, 0, 1]])
+    t, n = scenes.hit_cylinder(o, d, g)
+    np.testing.assert_allclose(t[[0, 1, 3]], [4.0, 8.0, 1.0])
+    assert np.isinf(t[2])
+    np.testing.assert_allclose(n[0], [0, 0, -1], atol=1e-12)
+    np.testing.assert_allclose(n[1], [0, 1, 0])
+
+
+def test_scenes_vary_in_camera_room_objects_and_light():
+    """The rooms differ in what a depth model must read: field of view, camera height and pitch, room size, the
+    number and kinds of objects, plain and textured materials, lamp strength, ambient level, sun or ceiling."""
+    s = [scenes.make_scene(0, i) for i in range(60)]
+    fov, height = np.rad2deg([x.fov for x in s]), [x.eye[1] for x in s]
+    pitch = np.rad2deg([np.arcsin(x.rot[1, 2]) for x in s])
+    assert fov.min() < 45 and fov.max() > 85 and min(height) < 0.7 and max(height) > 2.0
+    assert pitch.min() < -30 and pitch.max() > 5
+    kinds = [k for x in s for k in {o.kind for o in x.surfaces if o.kind != "plane"}]
+    assert {"box", "sphere", "cylinder"} <= set(kinds)
+    counts = [sum(o.kind != "plane" for o in x.surfaces) for x in s]
+    assert min(counts) == 0 and max(counts) >= 6
+    textures = {o.texture for x in s for o in x.surfaces}
+    assert textures == {"flat", "checker", "stripes", "noise"}
+    assert np.ptp([x.lamp for x in s]) > 5 and np.ptp([x.ambient for x in s]) > 0.3
+    assert all((x.sun is not None) == x.sky for x in s) and 5 < sum(x.sky for x in s) < 40
+
+
+def test_write_pairs_is_the_same_for_any_number_of_workers(tmp_path):
+    a = scenes.write_pairs(tmp_path / "a", 3, 16, seed=2)
+    b = scenes.write_pairs(tmp_path / "b", 3, 16, seed=2, workers=2)
+    for sub in ("rgb", "depth"):
+        for name in ("00000.png", "00001.png", "00002.png"):
+            assert (a / sub / name).read_bytes() == (b / sub / name).read_bytes()

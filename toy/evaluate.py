@@ -468,6 +468,8 @@ def add_depth(sub):
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--results", help="also write the summary as the 'depth' (a benchmark: 'depth-DATASET') section "
                    "of this RESULTS.md")
+    p.add_argument("--section", default="depth", help="with --results and a pair folder: the section's name "
+                   "(default: %(default)s; toy/make_depth_demo.sh writes the demo's as depth-demo)")
     p.set_defaults(run=run_depth)
 
 
@@ -490,7 +492,7 @@ def run_depth(a):
     print(depth_eval.markdown_table(rows))
     if a.results:
         command = "python toy/evaluate.py depth " + " ".join(f"--ckpt {os.path.relpath(c)}" for c in ckpts)
-        metrics.update_results(a.results, "depth", depth_eval.results_section(rows, command, data))
+        metrics.update_results(a.results, a.section, depth_eval.results_section(rows, command, data))
     if a.json:
         save_json(rows, a.json)
     return rows
@@ -547,6 +549,9 @@ def add_reflow(sub):
                    "trained once), shared with reproduce (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see train.py --threads) "
                    "(default: %(default)s)")
+    p.add_argument("--prior", default=os.path.join(ROOT, "assets", "demo", "prior_tiny.safetensors"),
+                   help="also the attribute accuracies of this model at its own resolution, 4 and 25 steps ('' = "
+                   "none; default: the demo prior)")
     p.set_defaults(run=run_reflow)
 
 
@@ -556,7 +561,7 @@ def run_reflow(a):
     torch.set_num_threads(a.threads)
     try:
         res = reflow_eval.evaluate_reflow(a.teacher, a.student, a.n, seed=a.seed, results=a.results,
-                                          classifier_dir=a.classifier_dir)
+                                          classifier_dir=a.classifier_dir, prior=a.prior or None)
     except sd.LoadError as e:
         common.fail(str(e))
     os.makedirs(os.path.dirname(os.path.abspath(a.raw)), exist_ok=True)

@@ -1,43 +1,63 @@
 #!/usr/bin/env bash
-# Rebuild the depth demo, assets/demo/depth_tiny.safetensors (UNet-only, fp16, ~3.5 MB: sd.load takes the VAE and
-# text encoder from prior_tiny.safetensors, its base), and RESULTS.md's "depth" section:
-#   1. python train.py --task depth --objective diff2flow | fm | diffusion: the tiny prior fine-tuned into an
-#      image-to-depth model on 4096 scenes.py rooms at 64 px (written once to runs/data/, ~4 min), same data,
-#      steps (600), seed for the three (~5 min each on one core, 1.7 of them encoding the pairs);
-#   2. python toy/evaluate.py depth on 128 held-out rooms (seed 10001): steps 1/2/4/10 x ensemble 1/4, the VAE floor
-#      and the training set's mean depth map as a baseline (~9 min) -> RESULTS.md;
-#   3. the Diff2Flow run continued to 1500 steps (--resume, ~7 min), evaluated, and saved as the demo.
-# Deterministic given the seeds and the same torch build. Usage: toy/make_depth_demo.sh [--fast], from anywhere
-# (--fast: a few training steps and a 4-image evaluation, to check the script; writes runs/depth-fast/ only).
+# Rebuild the depth demo, assets/demo/depth_tiny.safetensors (fp16, ~5 MB: the UNet and its VAE decoder; sd.load takes
+# the encoder and the text encoder from prior_tiny.safetensors, its base), and RESULTS.md's "depth-demo" section,
+# in one command, ~50 min on 2 CPU cores:
+#   1. the training data, once: 8192 scenes.py rooms at 64 px (seed 0; train.py's default depth data, ~6 min, 2 processes);
+#   2. python train.py --task depth --steps $DEMO_STEPS: Diff2Flow, the prior fine-tuned Marigold-style, predicting
+#      affine-invariant depth (the depth-demo preset: --depth-norm marigold, --cache), ~30 min on one core;
+#   3. python toy/depth_decoder.py: the VAE decoder tuned on the training depth maps (the toy's one step beyond
+#      Marigold: see its docstring). It reads no UNet weights, so it runs beside step 2, on the other core (~8 min);
+#   4. python toy/evaluate.py depth on both held-out sets, 128 scenes.py rooms of seed 10001 and 128 scenes of
+#      toy/rooms_sdf.py, the renderer no model trains on: steps 1/2/4/10 x ensemble 1/4, the VAE floor and the
+#      trivial baselines (the training set's mean depth map, depth linear in the row) -> RESULTS.md (~8 min).
+# With --compare it also trains the three objectives (diff2flow, fm, diffusion) on the same data, steps (600), noise
+# and seed and writes RESULTS.md's "depth" section (~25 min more).
+# Deterministic given the seeds and the same torch build. Usage: toy/make_depth_demo.sh [--fast] [--compare], from
+# anywhere (--fast: a few steps and a 4-image evaluation, to check the script; it writes runs/depth-fast/ only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=600; DEMO_STEPS=1500; DEST=assets/demo; RUNS=runs; EVAL=(--results RESULTS.md); EVAL_DEMO=()
-DATA=(); TRAIN_SCENES=runs/data/scenes-64px-seed0-n4096  # train.py's default data (written on its first run)
-if [[ "${1:-}" == "--fast" ]]; then
-  STEPS=2; DEMO_STEPS=4; DEST=runs/depth-fast; RUNS=runs/depth-fast; EVAL=(--n 4 --steps 1 --ensemble 1); EVAL_DEMO=(--n 4)
-  mkdir -p "$DEST" && cp assets/demo/prior_tiny.safetensors "$DEST/"  # the base the demo file names
-  TRAIN_SCENES=$RUNS/scenes; python toy/scenes.py --out "$TRAIN_SCENES" --n 16 --size 64; DATA=(--data "$TRAIN_SCENES")
-fi
-export DEST RUNS
-for obj in diff2flow fm diffusion; do
-  rm -rf "$RUNS/depth-$obj"
-  python train.py --task depth --objective "$obj" --out "$RUNS/depth-$obj" --steps "$STEPS" "${DATA[@]}"
+DEMO_STEPS=4000; CMP_STEPS=600; DEC_STEPS=400; DEST=assets/demo; RUNS=runs; EVAL=(); COMPARE=0; DATA=()
+TRAIN_SCENES=runs/data/scenes-v2-64px-seed0-n8192  # train.py's default depth data (data.DEMO_KINDS)
+for arg in "$@"; do
+  case "$arg" in
+    --compare) COMPARE=1 ;;
+    --fast) DEMO_STEPS=2; CMP_STEPS=2; DEC_STEPS=2; DEST=runs/depth-fast; RUNS=runs/depth-fast; EVAL=(--n 4 --steps 1 --ensemble 1)
+            mkdir -p "$DEST" && cp assets/demo/prior_tiny.safetensors "$DEST/"  # the base the demo file names
+            TRAIN_SCENES=$RUNS/scenes; python toy/scenes.py --out "$TRAIN_SCENES" --n 16 --size 64
+            DATA=(--data "$TRAIN_SCENES" --cache false) ;;
+    *) echo "usage: toy/make_depth_demo.sh [--fast] [--compare]" >&2; exit 2 ;;
+  esac
 done
-python toy/evaluate.py depth --ckpt "$RUNS/depth-diff2flow/final.safetensors" --ckpt "$RUNS/depth-fm/final.safetensors" \
-  --ckpt "$RUNS/depth-diffusion/final.safetensors" --baseline "$TRAIN_SCENES" \
-  --json "$RUNS/depth-eval.json" "${EVAL[@]}"
-rm -rf "$RUNS/depth-diff2flow-$DEMO_STEPS" && cp -r "$RUNS/depth-diff2flow" "$RUNS/depth-diff2flow-$DEMO_STEPS"
-python train.py --task depth --objective diff2flow --out "$RUNS/depth-diff2flow-$DEMO_STEPS" --steps "$DEMO_STEPS" \
-  --resume "${DATA[@]}"
-export DEMO_RUN="$RUNS/depth-diff2flow-$DEMO_STEPS"
+RESULTS=(--results RESULTS.md); [[ -n "${EVAL[*]}" ]] && RESULTS=(--results "$RUNS/RESULTS.md")
+export DEST RUNS
+python -c "import data; data.demo('demo:scenes', 64)[1]()"  # step 1 (a no-op once written)
+rm -rf "$RUNS/depth-demo" "$RUNS/depth-decoder"
+mkdir -p "$RUNS/depth-decoder"
+python train.py --task depth --objective diff2flow --out "$RUNS/depth-decoder" --steps 1 --cache false \
+  --sample-every 0 "${DATA[@]}" > /dev/null  # a depth model file of the preset's encoding: the decoder's start
+python toy/depth_decoder.py --ckpt "$RUNS/depth-decoder/final.safetensors" --data "$TRAIN_SCENES" \
+  --out "$RUNS/depth-decoder/decoder.safetensors" --steps "$DEC_STEPS" &
+DECODER_PID=$!
+python train.py --task depth --objective diff2flow --out "$RUNS/depth-demo" --steps "$DEMO_STEPS" "${DATA[@]}"
+wait "$DECODER_PID"
 python - <<'PY'
 import os, torch, sd
-b = sd.load(os.environ["DEMO_RUN"] + "/final.safetensors")
+b = sd.load(os.environ["RUNS"] + "/depth-demo/final.safetensors")
+b.vae = sd.load(os.environ["RUNS"] + "/depth-decoder/decoder.safetensors").vae  # the prior's encoder, the tuned decoder
+keep = ("task", "resolution", "steps", "ensemble", "train_steps", "depth_norm")
 sd.save(b, os.environ["DEST"] + "/depth_tiny.safetensors", dtype=torch.float16, base="prior_tiny.safetensors",
-        **{k: b.meta[k] for k in ("task", "resolution", "steps", "ensemble", "train_steps")})
+        vae_decoder=True, **{k: b.meta[k] for k in keep})
 PY
 ls -l "$DEST/depth_tiny.safetensors"
-python toy/evaluate.py depth --ckpt "$DEST/depth_tiny.safetensors" --steps 1 4 10 --ensemble 1 4 \
-  --json "$RUNS/depth-eval-demo.json" "${EVAL_DEMO[@]}"
-python depth.py runs/data/scenes-64px-seed10001-n128/rgb/0000{0,1,2,3}.png --ckpt "$DEST/depth_tiny.safetensors" \
-  --out "$RUNS/depth-demo-out" --uncertainty
+python toy/evaluate.py depth --ckpt "$DEST/depth_tiny.safetensors" --baseline "$TRAIN_SCENES" \
+  --json "$RUNS/depth-eval-demo.json" --section depth-demo "${RESULTS[@]}" "${EVAL[@]}"
+python depth.py assets/room.png --ckpt "$DEST/depth_tiny.safetensors" --out "$RUNS/depth-demo-out" --uncertainty
+if [[ "$COMPARE" == 1 ]]; then
+  for obj in diff2flow fm diffusion; do
+    rm -rf "$RUNS/depth-$obj"
+    python train.py --task depth --objective "$obj" --out "$RUNS/depth-$obj" --steps "$CMP_STEPS" "${DATA[@]}"
+  done
+  python toy/evaluate.py depth --ckpt "$RUNS/depth-diff2flow/final.safetensors" --ckpt "$RUNS/depth-fm/final.safetensors" \
+    --ckpt "$RUNS/depth-diffusion/final.safetensors" --baseline "$TRAIN_SCENES" --json "$RUNS/depth-eval.json" \
+    "${RESULTS[@]}" "${EVAL[@]}"
+fi

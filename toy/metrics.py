@@ -259,9 +259,11 @@ def held_out(bundle, resolution: int, n_eval: int, n_val: int) -> dict:
 
 
 def image_scores(model: AttributeClassifier, images: torch.Tensor, data: dict) -> dict[str, float]:
-    """FD against held_out's test images and the mean accuracy of their captions' attributes."""
+    """FD against held_out's test images, the mean accuracy of their captions' attributes and each attribute's
+    (acc_shape, acc_color, ...)."""
     acc = attribute_accuracy(model, images, data["labels"])
-    return {"fd": fd_score(model, images, data["test"]), "acc": acc["mean"]}
+    return {"fd": fd_score(model, images, data["test"]), "acc": acc["mean"],
+            **{f"acc_{k}": v for k, v in acc.items() if k != "mean"}}
 
 
 # ---------------------------------------------------------------------------------- CLI

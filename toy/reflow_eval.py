@@ -64,8 +64,25 @@ def noise_of(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def attribute_rows(classifier, data, bundle, prior, n, seed):
+    """Per-attribute accuracy of the ceilings (the real test images; their VAE reconstructions: the best a model
+    can do through this VAE) and, given `prior` (a file), of the prior at its own resolution, 4 and 25 steps."""
+    with torch.no_grad():
+        recon = decode(bundle, bundle.vae.encode(data["test"]))
+    rows = [{"model": "real images", **metrics.image_scores(classifier, data["test"], data)},
+            {"model": "VAE reconstructions", **metrics.image_scores(classifier, recon, data)}]
+    if prior:
+        pb = sd.load(prior)
+        res = int(pb.meta.get("resolution", 32))
+        pdata = metrics.held_out(pb, res, n, 1)
+        for k in (4, 25):
+            z = solve(pb, pdata["test_ctx"], noise_of((n, *latent_shape(pb, res)), seed), k, float(pb.meta.get("cfg", 7.5)))[0]
+            rows.append({"model": f"prior ({res} px)", "steps": k, **metrics.image_scores(classifier, decode(pb, z), pdata)})
+    return rows
+
+
 def evaluate_reflow(teacher, student, n=512, steps=(1, 2, 4, 8), ref_steps=(25, 40), seed=0, results=None,
-                    classifier_dir="runs/reproduce", classifier_steps=1500):
+                    classifier_dir="runs/reproduce", classifier_steps=1500, prior=None):
     """The numbers of RESULTS.md's "reflow" section (see the module docstring); returns them as a dict."""
     t0 = time.time()
     tb, sb = sd.load(teacher), sd.load(student)
@@ -106,6 +123,7 @@ def evaluate_reflow(teacher, student, n=512, steps=(1, 2, 4, 8), ref_steps=(25, 
         res["seeds"][f"{name}@{k}"] = [{"fd": first["fd"], "acc": first["acc"]}] + [
             scores(name, k, noise_of(shape, seed + i))[2] for i in range(1, SEEDS)]
     res["straightness"] = {"teacher": ref_s, "reflow": solve(*models["reflow"][:2], noise, 40, models["reflow"][2])[1]}
+    res["attributes"] = attribute_rows(classifier, data, tb, prior, n, seed)
     res["minutes"] = (time.time() - t0) / 60
     if results:
         metrics.update_results(results, "reflow", report(res))
@@ -172,6 +190,24 @@ def report(res):
            "give or take its spread): reflow at 4 steps as good as the teacher at 25: "
            f"**{'met' if v['four'] else 'not met'}**; reflow at 2 steps close (within 3x the spread): "
            f"**{'met' if v['two_close'] else 'not met'}**{' (even within 1x)' if v['two'] else ''}.\n"]
-    return "\n".join(md)
+    return "\n".join(md + attribute_report(res))
+
+
+ATTRS = ("shape", "color", "size", "position", "background")
+
+
+def attribute_report(res):
+    """Markdown: each attribute's accuracy (the classifier's, on the same captions) for the models at 1-8 steps
+    and the ceilings: the shape is asked apart from colour and position."""
+    if "attributes" not in res:
+        return []
+    md = ["Each attribute apart (accuracy of the classifier on the generated images against the caption; the "
+          "real test images are the ceiling, their VAE reconstructions the best any model can draw through "
+          "this VAE):\n", "| model | steps | " + " | ".join(ATTRS) + " | shape / ceiling |", "|" + "---|" * 8]
+    ceiling = next(r for r in res["attributes"] if r["model"] == "real images")["acc_shape"]
+    for r in res["attributes"][:2] + [r for r in res["rows"] if r["steps"] in (1, 2, 4, 25)] + res["attributes"][2:]:
+        md.append(f"| {r['model']} | {r.get('steps', '-')} | " + " | ".join(f"{r['acc_' + a]:.3f}" for a in ATTRS)
+                  + f" | {r['acc_shape'] / ceiling:.2f} |")
+    return md + [""]
 
 
