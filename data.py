@@ -697,9 +697,11 @@ def demo(spec, resolution):
     cmd = [sys.executable, os.path.join(ROOT, "toy", args[0])] + [path if a == "PATH" else str(a) for a in args[1:]]
 
     def make():
-        print(f"making the demo data once: {os.path.relpath(folder)} ({' '.join(cmd[1:])})")
-        written_once(folder, lambda p: (os.makedirs(p, exist_ok=True), subprocess.run(
-            cmd + ["--seed", "0"], check=True, stdout=subprocess.DEVNULL)))
+        def write(p):
+            print(f"making the demo data once: {os.path.relpath(folder)} ({' '.join(cmd[1:])})")
+            os.makedirs(p, exist_ok=True)
+            subprocess.run(cmd + ["--seed", "0"], check=True, stdout=subprocess.DEVNULL)
+        written_once(folder, write)
     return path, make
 
 

@@ -20,8 +20,10 @@ no pixel mask), replicated to 3 channels and VAE-encoded; decoding averages the 
 train.py --depth-norm official (the paper recipes), the official code's: depth capped at 120 m, missing
 values interpolated, log depth mapped by the 1% and 99% percentiles of all pixels, not clipped; the
 checkpoint records it ("depth_norm") and predict() then leaves the decoded values unclipped too. So the model
-predicts affine-invariant LOG depth: y = a log(depth) + b for unknown a > 0, b. Outputs are r = (y + 1) / 2
-in [0, 1] (0 = near): `NAME_depth.npy` holds r, `NAME_depth16.png` holds round(65535 r).
+predicts affine-invariant LOG depth: y = a log(depth) + b for unknown a > 0, b. Or, with --depth-norm marigold
+(the bundled demo's), Marigold's own encoding: depth itself by the same quantiles, so y = a depth + b, evaluated
+aligned in depth space. Outputs are r = (y + 1) / 2 in [0, 1] (0 = near): `NAME_depth.npy` holds r,
+`NAME_depth16.png` holds round(65535 r).
 
 Colour map (colorize): ColorBrewer's "Spectral" by linear interpolation between its 5 stops, near = dark
 red, then orange, pale yellow, green, far = blue-violet: SPECTRAL below.
@@ -635,9 +637,9 @@ def reserve_outputs(out, name, uncertainty):
 
 
 def write_outputs(paths, y, spread, info):
-    """y (H, W) normalised log depth in [-1, 1] -> NAME_depth.png (colour), NAME_depth16.png, NAME_depth.npy
+    """y (H, W) normalised (log) depth in [-1, 1] -> NAME_depth.png (colour), NAME_depth16.png, NAME_depth.npy
     (and NAME_uncertainty.png if `paths` has a 4th), into reserve_outputs' `paths`."""
-    r = ((y.numpy() + 1) / 2).clip(0, 1).astype(np.float32)  # relative log depth, 0 = near
+    r = ((y.numpy() + 1) / 2).clip(0, 1).astype(np.float32)  # relative (log) depth, 0 = near
     save_png(colorize(r), paths[0], info)
     save_png(np.round(r * 65535).astype(np.uint16), paths[1], info)
     with atomic_path(paths[2]) as tmp:

@@ -631,4 +631,14 @@ def test_depth_decoder_is_tuned_saved_beside_its_base_and_loaded(pairs, tmp_path
         sd.load(str(tmp_path / "sub" / "part.safetensors"))
     with pytest.raises(SystemExit, match="exists"):
         depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--steps", "1"])
+    # --from: that decoder onto another depth model (here the whole-bundle run), naming --base
+    grafted = str(tmp_path / "sub" / "grafted.safetensors")
+    depth_decoder.main(["--ckpt", str(tmp_path / "run" / "final.safetensors"), "--from", out, "--base",
+                        os.path.join("..", "base.safetensors"), "--dtype", "float16", "--out", grafted])
+    g = sd.load(grafted)
+    torch.testing.assert_close(dec(g), dec(tuned).half().float(), atol=0, rtol=0)
+    torch.testing.assert_close(enc(g), enc(b), atol=0, rtol=0)
+    with pytest.raises(SystemExit, match="not both") as e:
+        depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--from", out, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
 

@@ -11,6 +11,8 @@ predicts, stays the prior's; only the way back from latents to pixels improves. 
 
     python toy/depth_decoder.py --ckpt runs/depth/final.safetensors --data runs/data/scenes-v2-64px-seed0-n8192 \\
         --out runs/depth/with_decoder.safetensors
+    python toy/depth_decoder.py --ckpt runs/depth-fm/final.safetensors --from runs/depth/with_decoder.safetensors \\
+        --out runs/depth-fm/with_decoder.safetensors      # the same decoder on another depth model
 
 The loss is L1 between the decoded image's channel mean (what depth.decode_depth reads) and the normalised depth
 the latent was encoded from, on --steps batches of training pairs read from disk (random crops and flips as
@@ -89,7 +91,11 @@ def base_for(bundle, cfg):
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="the depth model (train.py --task depth's final.safetensors)")
-    p.add_argument("--data", required=True, help="pair folder of training depth maps (rgb/ + depth/)")
+    p.add_argument("--data", help="pair folder of training depth maps (rgb/ + depth/): train the decoder on them")
+    p.add_argument("--from", dest="decoder_from", metavar="FILE", help="instead, take the decoder of FILE (an "
+                   "earlier output of this script: the decoder does not depend on the UNet)")
+    p.add_argument("--base", help="the base the file names, relative to --out (default: the model's own base, "
+                   "if it has one, else the whole bundle is written)")
     p.add_argument("--out", required=True, help="the model file to write, with its decoder (never overwritten)")
     p.add_argument("--steps", type=int, default=400, help="decoder steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="depth maps per step (default: %(default)s)")
@@ -105,21 +111,30 @@ def main(argv=None):
     cfg = parser().parse_args(argv)
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup < 1 or cfg.lr <= 0:
         common.usage_error("--steps, --batch-size and --warmup must be >= 1 and --lr > 0")
+    if bool(cfg.data) == bool(cfg.decoder_from):
+        common.usage_error("give --data (train the decoder) or --from FILE (take the decoder of that file), not both")
     if os.path.exists(cfg.out):
         common.fail(f"--out {cfg.out} exists; pass a new file name (nothing is overwritten)")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    bundle, ds = load_model(cfg.ckpt, "cpu"), PairDataset(cfg.data)
+    bundle = load_model(cfg.ckpt, "cpu")
     if bundle.meta.get("task") != "depth":
         common.fail(f"--ckpt {cfg.ckpt}: not a depth model (train.py --task depth's final.safetensors)")
-    t0, before = time.time(), floor(bundle, ds)
-    last = tune(bundle, ds, cfg)
-    after = floor(bundle, ds)
+    t0, info = time.time(), {}
+    if cfg.decoder_from:
+        bundle.vae = load_model(cfg.decoder_from, "cpu").vae  # the same encoder (the prior's), that file's decoder
+        what = f"the decoder of {cfg.decoder_from}"
+    else:
+        ds = PairDataset(cfg.data)
+        before, last = floor(bundle, ds), tune(bundle, ds, cfg)
+        after = floor(bundle, ds)
+        info = dict(decoder_steps=cfg.steps, decoder_l1=f"{after:.4f}")
+        what = (f"decoder L1 on the first 64 pairs {before:.4f} -> {after:.4f} (last steps' loss {last:.4f}), "
+                f"{(time.time() - t0) / 60:.1f} min")
     keep = {k: v for k, v in bundle.meta.items() if k not in sd.metadata(bundle) and k != "base_model"}
-    sd.save(bundle, cfg.out, dtype=getattr(torch, cfg.dtype), base=base_for(bundle, cfg), vae_decoder=True, **keep,
-            decoder_steps=cfg.steps, decoder_l1=f"{after:.4f}")
-    print(f"wrote {cfg.out}: decoder L1 on the first 64 pairs {before:.4f} -> {after:.4f} (last steps' loss "
-          f"{last:.4f}), {(time.time() - t0) / 60:.1f} min")
+    sd.save(bundle, cfg.out, dtype=getattr(torch, cfg.dtype), base=cfg.base or base_for(bundle, cfg),
+            vae_decoder=True, **{**keep, **info})
+    print(f"wrote {cfg.out}: {what}")
 
 
 if __name__ == "__main__":

@@ -24,40 +24,39 @@ for arg in "$@"; do
     --fast) DEMO_STEPS=2; CMP_STEPS=2; DEC_STEPS=2; DEST=runs/depth-fast; RUNS=runs/depth-fast; EVAL=(--n 4 --steps 1 --ensemble 1)
             mkdir -p "$DEST" && cp assets/demo/prior_tiny.safetensors "$DEST/"  # the base the demo file names
             TRAIN_SCENES=$RUNS/scenes; python toy/scenes.py --out "$TRAIN_SCENES" --n 16 --size 64
-            DATA=(--data "$TRAIN_SCENES" --cache false) ;;
+            DATA=(--data "$TRAIN_SCENES" --no-cache) ;;
     *) echo "usage: toy/make_depth_demo.sh [--fast] [--compare]" >&2; exit 2 ;;
   esac
 done
 RESULTS=(--results RESULTS.md); [[ -n "${EVAL[*]}" ]] && RESULTS=(--results "$RUNS/RESULTS.md")
 export DEST RUNS
-python -c "import data; data.demo('demo:scenes', 64)[1]()"  # step 1 (a no-op once written)
+[[ -z "${DATA[*]}" ]] && python -c "import data; data.demo('demo:scenes', 64)[1]()"  # step 1 (once)
 rm -rf "$RUNS/depth-demo" "$RUNS/depth-decoder"
 mkdir -p "$RUNS/depth-decoder"
-python train.py --task depth --objective diff2flow --out "$RUNS/depth-decoder" --steps 1 --cache false \
+python train.py --task depth --objective diff2flow --out "$RUNS/depth-decoder" --steps 1 --no-cache \
   --sample-every 0 "${DATA[@]}" > /dev/null  # a depth model file of the preset's encoding: the decoder's start
 python toy/depth_decoder.py --ckpt "$RUNS/depth-decoder/final.safetensors" --data "$TRAIN_SCENES" \
   --out "$RUNS/depth-decoder/decoder.safetensors" --steps "$DEC_STEPS" &
 DECODER_PID=$!
 python train.py --task depth --objective diff2flow --out "$RUNS/depth-demo" --steps "$DEMO_STEPS" "${DATA[@]}"
 wait "$DECODER_PID"
-python - <<'PY'
-import os, torch, sd
-b = sd.load(os.environ["RUNS"] + "/depth-demo/final.safetensors")
-b.vae = sd.load(os.environ["RUNS"] + "/depth-decoder/decoder.safetensors").vae  # the prior's encoder, the tuned decoder
-keep = ("task", "resolution", "steps", "ensemble", "train_steps", "depth_norm")
-sd.save(b, os.environ["DEST"] + "/depth_tiny.safetensors", dtype=torch.float16, base="prior_tiny.safetensors",
-        vae_decoder=True, **{k: b.meta[k] for k in keep})
-PY
+python toy/depth_decoder.py --ckpt "$RUNS/depth-demo/final.safetensors" --from "$RUNS/depth-decoder/decoder.safetensors" \
+  --base prior_tiny.safetensors --dtype float16 --out "$DEST/depth_tiny.safetensors.new"  # the UNet + the tuned decoder
+mv "$DEST/depth_tiny.safetensors.new" "$DEST/depth_tiny.safetensors"
 ls -l "$DEST/depth_tiny.safetensors"
 python toy/evaluate.py depth --ckpt "$DEST/depth_tiny.safetensors" --baseline "$TRAIN_SCENES" \
   --json "$RUNS/depth-eval-demo.json" --section depth-demo "${RESULTS[@]}" "${EVAL[@]}"
 python depth.py assets/room.png --ckpt "$DEST/depth_tiny.safetensors" --out "$RUNS/depth-demo-out" --uncertainty
-if [[ "$COMPARE" == 1 ]]; then
+if [[ "$COMPARE" == 1 ]]; then  # the same data, steps, noise and seed; the demo run's encoded cache, the same decoder
+  CKPTS=()
   for obj in diff2flow fm diffusion; do
-    rm -rf "$RUNS/depth-$obj"
+    rm -rf "$RUNS/depth-$obj" && mkdir -p "$RUNS/depth-$obj"
+    [[ -d "$RUNS/depth-demo/cache" ]] && cp -r "$RUNS/depth-demo/cache" "$RUNS/depth-$obj/cache"
     python train.py --task depth --objective "$obj" --out "$RUNS/depth-$obj" --steps "$CMP_STEPS" "${DATA[@]}"
+    python toy/depth_decoder.py --ckpt "$RUNS/depth-$obj/final.safetensors" \
+      --from "$RUNS/depth-decoder/decoder.safetensors" --out "$RUNS/depth-$obj/with_decoder.safetensors"
+    CKPTS+=(--ckpt "$RUNS/depth-$obj/with_decoder.safetensors")
   done
-  python toy/evaluate.py depth --ckpt "$RUNS/depth-diff2flow/final.safetensors" --ckpt "$RUNS/depth-fm/final.safetensors" \
-    --ckpt "$RUNS/depth-diffusion/final.safetensors" --baseline "$TRAIN_SCENES" --json "$RUNS/depth-eval.json" \
+  python toy/evaluate.py depth "${CKPTS[@]}" --baseline "$TRAIN_SCENES" --json "$RUNS/depth-eval.json" \
     "${RESULTS[@]}" "${EVAL[@]}"
 fi
