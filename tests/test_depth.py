@@ -386,6 +386,16 @@ def test_marigold_encoding_is_affine_invariant_and_linear_in_depth():
 
 
 @pytest.mark.skipif(not os.path.exists(depth.DEMO), reason="needs the depth demo (toy/make_depth_demo.sh)")
+def test_the_depth_demo_predicts_affine_invariant_depth_through_its_own_decoder():
+    """toy/make_depth_demo.sh's file: Marigold's encoding, the prior's encoder, a decoder tuned on depth maps."""
+    b, prior = sd.load(depth.DEMO), sd.load(os.path.join(os.path.dirname(depth.DEMO), "prior_tiny.safetensors"))
+    assert (b.meta["task"], b.meta["depth_norm"], b.meta["base_model"]) == ("depth", "marigold", "prior_tiny.safetensors")
+    same = lambda part: all(torch.equal(x, y) for x, y in zip(getattr(b.vae, part).state_dict().values(),
+                                                              getattr(prior.vae, part).state_dict().values()))
+    assert same("encoder") and not same("decoder")
+
+
+@pytest.mark.skipif(not os.path.exists(depth.DEMO), reason="needs the depth demo (toy/make_depth_demo.sh)")
 def test_readme_command_on_the_shipped_image(tmp_path):
     """`python depth.py assets/room.png`: the README's command, on the image shipped for it."""
     paths = depth.main([os.path.join(depth.ROOT, "assets", "room.png"), "--out", str(tmp_path), "--steps", "1",

@@ -550,8 +550,8 @@ def add_reflow(sub):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see train.py --threads) "
                    "(default: %(default)s)")
     p.add_argument("--prior", default=os.path.join(ROOT, "assets", "demo", "prior_tiny.safetensors"),
-                   help="also the attribute accuracies of this model at its own resolution, 4 and 25 steps ('' = "
-                   "none; default: the demo prior)")
+                   help="also the attribute accuracies of this model at its own resolution, 4 and 25 steps, '' for "
+                   "none (default: the demo prior, assets/demo/prior_tiny.safetensors)")
     p.set_defaults(run=run_reflow)
 
 

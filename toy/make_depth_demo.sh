@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the depth demo, assets/demo/depth_tiny.safetensors (fp16, ~5 MB: the UNet and its VAE decoder; sd.load takes
 # the encoder and the text encoder from prior_tiny.safetensors, its base), and RESULTS.md's "depth-demo" section,
-# in one command, ~50 min on 2 CPU cores:
+# in one command, ~60 min on 2 CPU cores:
 #   1. the training data, once: 8192 scenes.py rooms at 64 px (seed 0; train.py's default depth data, ~6 min, 2 processes);
 #   2. python train.py --task depth --steps $DEMO_STEPS: Diff2Flow, the prior fine-tuned Marigold-style, predicting
 #      affine-invariant depth (the depth-demo preset: --depth-norm marigold, --cache), ~30 min on one core;
@@ -41,8 +41,8 @@ DECODER_PID=$!
 python train.py --task depth --objective diff2flow --out "$RUNS/depth-demo" --steps "$DEMO_STEPS" "${DATA[@]}"
 wait "$DECODER_PID"
 python toy/depth_decoder.py --ckpt "$RUNS/depth-demo/final.safetensors" --from "$RUNS/depth-decoder/decoder.safetensors" \
-  --base prior_tiny.safetensors --dtype float16 --out "$DEST/depth_tiny.safetensors.new"  # the UNet + the tuned decoder
-mv "$DEST/depth_tiny.safetensors.new" "$DEST/depth_tiny.safetensors"
+  --base prior_tiny.safetensors --dtype float16 --out "$DEST/depth_tiny.new.safetensors"  # the UNet + the tuned decoder
+mv "$DEST/depth_tiny.new.safetensors" "$DEST/depth_tiny.safetensors"
 ls -l "$DEST/depth_tiny.safetensors"
 python toy/evaluate.py depth --ckpt "$DEST/depth_tiny.safetensors" --baseline "$TRAIN_SCENES" \
   --json "$RUNS/depth-eval-demo.json" --section depth-demo "${RESULTS[@]}" "${EVAL[@]}"
