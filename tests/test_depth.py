@@ -582,13 +582,13 @@ def test_depth_cache_is_disk_shards_per_source_reused_on_resume_and_read_lazily(
     from safetensors.torch import load_file
     monkeypatch.setattr(depth, "CACHE_ITEMS", 4)
     other = write_random_pairs(tmp_path / "other", 3, (32, 40), seed=1)
-    tiny_depth_run(pairs, tmp_path / "a", "--steps", "1", "--data", other, "--cache")
+    norm = sd.load(tiny_depth_run(pairs, tmp_path / "a", "--steps", "1", "--data", other, "--cache")).meta["depth_norm"]
     folder = tmp_path / "a" / "cache"
     names = sorted(os.listdir(folder))
     assert names == [f"0000{j}.safetensors" for j in range(3)] + ["cache.json"]  # 6 pairs: 4 + 2; other's 3
     x1, cond = (load_file(folder / "00002.safetensors")[k] for k in depth.CACHE_NAMES)
     bundle = sd.load(train.DEMO_PRIOR)
-    items = depth.TrainItems([depth.PairDataset(other)], (32, 32))
+    items = depth.TrainItems([depth.PairDataset(other)], (32, 32), norm)  # the depth-demo preset's encoding
     ref = depth.encode_items(bundle, *map(torch.stack, zip(*(items[((0, i), None, False)] for i in range(3)))),
                              contextlib.nullcontext)
     assert x1.shape == cond.shape == ref[0].shape and len(x1) == 3
