@@ -159,6 +159,7 @@ def test_image_scores_are_fd_to_the_test_images_and_mean_accuracy(tiny_classifie
     (val, _), (test, labels) = heldout
     data = {"test": test, "labels": labels}
     s = metrics.image_scores(tiny_classifier, val, data)
-    assert s == {"fd": fd_score(tiny_classifier, val, test),
-                 "acc": attribute_accuracy(tiny_classifier, val, labels)["mean"]}
+    acc = attribute_accuracy(tiny_classifier, val, labels)
+    assert s == {"fd": fd_score(tiny_classifier, val, test), "acc": acc["mean"],
+                 **{f"acc_{k}": acc[k] for k in ("shape", "color", "size", "position", "background")}}
     assert metrics.image_scores(tiny_classifier, test, data)["fd"] == pytest.approx(0, abs=1e-4)  # sqrtm rounding
