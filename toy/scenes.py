@@ -22,7 +22,6 @@ Written as the pair-folder layout depth.py reads:
     python toy/scenes.py --out runs/scenes --n 1000 --size 64 --seed 0
 """
 import argparse
-import contextlib
 import functools
 import json
 import multiprocessing
@@ -318,9 +317,13 @@ def write_pairs(out, n, size=64, seed=TRAIN_SEED, start=0, workers=1):
     (out / "rgb").mkdir(parents=True, exist_ok=True)
     (out / "depth").mkdir(parents=True, exist_ok=True)
     job, ids = functools.partial(write_pair, out, size, seed), range(start, start + n)
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        for _ in tqdm((pool.imap_unordered if pool else map)(job, ids, *[max(1, n // (8 * workers))] * bool(pool)),
-                      total=n, desc=f"writing {out}", dynamic_ncols=True):
+    bar = functools.partial(tqdm, total=n, desc=f"writing {out}", dynamic_ncols=True)
+    if workers == 1:
+        for _ in bar(map(job, ids)):
+            pass
+        return out
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for _ in bar(pool.imap_unordered(job, ids, chunksize=max(1, n // (8 * workers)))):
             pass
     return out
 
