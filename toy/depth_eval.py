@@ -51,14 +51,13 @@ def image_metrics(y, gt, valid, drange):
 def vae_floor(bundle, ds, res, drange=DEPTH_RANGES["scenes"], n=None):
     """The best any prediction through this VAE can do: decode(encode(normalised ground truth)), in the model's
     depth encoding, at the processing resolution and back, scored like a prediction."""
-    rows = []
+    rows, norm = [], bundle.meta.get("depth_norm", "ours")  # the encoding the model was trained on
     for i in range(min(n or len(ds), len(ds))):
         image, gt, valid = ds[i]
         H, W = gt.shape
         h, w = processing_size(H, W, res, size_multiple(bundle))
         d = F.interpolate(gt[None, None], (h, w), mode="nearest")
         v = F.interpolate(valid[None, None].float(), (h, w), mode="nearest") > 0.5
-        norm = bundle.meta.get("depth_norm", "ours")  # the encoding the model was trained on
         y = normalize_depth(d, v, norm).to(next(bundle.vae.parameters()).device)
         y = decode_depth(bundle.vae, encode_depth(bundle.vae, y), clip=norm != "official")
         y = F.interpolate(y.cpu(), (H, W), mode="bilinear", align_corners=False)[0, 0]
