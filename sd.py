@@ -36,7 +36,8 @@ from diffusers_format import LoadError, find_in_hf_cache, hf_cache_dir  # noqa: 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
           "sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}
 FORMAT = "diff2flow-minimal"  # metadata tag of checkpoints written by save()
-DECODER = ("decoder.", "post_quant_conv.")  # the VAE's way from latents to pixels (save(..., vae_decoder=True))
+DECODER = ("decoder.", "post_quant_conv.")  # the VAE's way from latents to pixels (save(..., own_vae="decoder"))
+OWN_VAE = {"": (), "decoder": DECODER, "all": ("",)}  # save(..., own_vae=...): what a UNet-only file carries
 
 
 def sd_alphas_cumprod(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
@@ -405,14 +406,23 @@ def _load_unet_file(path, tensors, meta, dtype, prediction, objective):
     sd = _load_base(path, meta, dtype, prediction, objective)
     ucfg = _config(unet_mod.UNetConfig, meta["unet_config"])
     sd.unet = _build(unet_mod.UNet, ucfg, _strip(tensors, PREFIX["unet"]), "UNet", path)
-    decoder = _strip(tensors, PREFIX["vae"])
-    if decoder:  # save(..., vae_decoder=True): this model's own VAE decoder over the base's
-        if set(decoder) != {k for k in sd.vae.state_dict() if k.startswith(DECODER)}:
-            raise LoadError(f"{path}: holds part of a VAE ({len(decoder)} tensors), not its whole decoder; re-save it")
-        sd.vae = _build(vae_mod.AutoencoderKL, sd.vae.cfg, {**sd.vae.state_dict(), **decoder}, "VAE", path)
+    own = _strip(tensors, PREFIX["vae"])
+    if own:  # save(..., own_vae=...): this model's own VAE decoder, or whole VAE, over the base's
+        sd.vae = _own_vae(sd.vae, own, meta, path)
     sd.objective = objective or meta.get("objective", sd.objective)
     sd.prediction = prediction or meta.get("prediction", sd.prediction)
     return _named(sd, path, meta)
+
+
+def _own_vae(base_vae, own, meta, path):
+    """The VAE of a UNet-only file that carries its own: the whole VAE (its config from the file, scale_factor
+    included) or the decoder over the base's encoder; anything else is a file written wrong."""
+    keys = set(base_vae.state_dict())
+    if own.keys() == keys and "vae_config" in meta:
+        return _build(vae_mod.AutoencoderKL, _config(vae_mod.VAEConfig, meta["vae_config"]), own, "VAE", path)
+    if own.keys() == {k for k in keys if k.startswith(DECODER)}:
+        return _build(vae_mod.AutoencoderKL, base_vae.cfg, {**base_vae.state_dict(), **own}, "VAE", path)
+    raise LoadError(f"{path}: holds part of a VAE ({len(own)} tensors), neither its decoder nor all of it; re-save it")
 
 
 def _load_lora_file(path, meta, dtype, prediction, objective):
@@ -463,13 +473,13 @@ def metadata(sd, **extra):
     return meta
 
 
-def save(sd, path, dtype=None, base=None, vae_decoder=False, **extra):
+def save(sd, path, dtype=None, base=None, own_vae="", **extra):
     """Write the bundle as one original-layout .safetensors or .ckpt, atomically (common.atomic_path).
 
     base: the checkpoint this one was fine-tuned from (a path relative to `path`, absolute, or a repo
     id). Then only the UNet is written and load() takes the VAE and text encoder from the base;
-    vae_decoder=True writes the VAE's decoder too (a model that fine-tuned it: toy/depth_decoder.py)."""
-    keep = (PREFIX["unet"],) + ((PREFIX["vae"] + DECODER[0], PREFIX["vae"] + DECODER[1]) if vae_decoder else ())
+    own_vae="decoder" or "all" writes that much of the VAE too (a model that tuned it: toy/depth_vae.py)."""
+    keep = (PREFIX["unet"],) + tuple(PREFIX["vae"] + part for part in OWN_VAE[own_vae])
     tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() and k != "alphas_cumprod" else v).contiguous().cpu()
                for k, v in state_dict(sd).items() if not base or k.startswith(keep)}
     if base:

@@ -605,13 +605,17 @@ def test_depth_cache_is_disk_shards_per_source_reused_on_resume_and_read_lazily(
     assert torch.equal(ds[1][0], -x1[1]) and torch.equal(ds[2][1], cond[2] + 1)
 
 
-# ----------------------------------------------------------------------------- a depth model's own VAE decoder (#18)
+# ----------------------------------------------------------------------------- a depth model's own VAE (#18)
 
-def test_depth_decoder_is_tuned_saved_beside_its_base_and_loaded(pairs, tmp_path):
-    """toy/depth_decoder.py on a tiny depth model saved UNet-only beside its base: the file it writes holds the UNet and
-    the tuned decoder (sd.save(..., vae_decoder=True)); sd.load takes those and the encoder / text encoder of the
-    base. A file with only part of a decoder is refused by name; --out is never overwritten."""
-    import depth_decoder
+def vae_flat(m, part):
+    return torch.cat([p.flatten() for p in getattr(m.vae, part).parameters()])
+
+
+def test_depth_vae_decoder_is_tuned_saved_beside_its_base_and_loaded(pairs, tmp_path):
+    """toy/depth_vae.py --part decoder on a tiny depth model saved UNet-only beside its base: the file it writes holds
+    the UNet and the tuned decoder (sd.save(..., own_vae="decoder")); sd.load takes those and the encoder / text
+    encoder of the base. A file with only part of a decoder is refused by name; --out is never overwritten."""
+    import depth_vae
     import train
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -622,33 +626,68 @@ def test_depth_decoder_is_tuned_saved_beside_its_base_and_loaded(pairs, tmp_path
     sd.save(run, unet_only, base="base.safetensors", **{k: run.meta[k] for k in ("task", "resolution", "steps")})
     out = str(tmp_path / "sub" / "tuned.safetensors")
     os.makedirs(os.path.dirname(out))
-    depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--steps", "2", "--batch-size", "2",
-                        "--warmup", "1"])
+    depth_vae.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--part", "decoder", "--steps", "2",
+                    "--batch-size", "2", "--warmup", "1"])
     with safe_open(out, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
-    assert meta["base_model"] == os.path.join("..", "base.safetensors") and meta["decoder_steps"] == "2"
+    assert meta["base_model"] == os.path.join("..", "base.safetensors") and meta["depth_vae_steps"] == "2"
     assert {k.split(".")[1] for k in keys if k.startswith("first_stage_model.")} == {"decoder", "post_quant_conv"}
     tuned, b = sd.load(out), sd.load(base)
     assert tuned.meta["task"] == "depth" and tuned.unet.cfg.in_channels == 8
-    enc = lambda m: torch.cat([p.flatten() for p in m.vae.encoder.parameters()])
-    dec = lambda m: torch.cat([p.flatten() for p in m.vae.decoder.parameters()])
-    torch.testing.assert_close(enc(tuned), enc(b), atol=0, rtol=0)
-    assert not torch.equal(dec(tuned), dec(b))
+    torch.testing.assert_close(vae_flat(tuned, "encoder"), vae_flat(b, "encoder"), atol=0, rtol=0)
+    assert not torch.equal(vae_flat(tuned, "decoder"), vae_flat(b, "decoder"))
     tensors = load_file(out)
     save_file({k: v for k, v in tensors.items() if "decoder.up" not in k}, str(tmp_path / "sub" / "part.safetensors"),
               metadata=meta)
     with pytest.raises(sd.LoadError, match="part of a VAE"):
         sd.load(str(tmp_path / "sub" / "part.safetensors"))
     with pytest.raises(SystemExit, match="exists"):
-        depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--steps", "1"])
+        depth_vae.main(["--ckpt", unet_only, "--data", pairs, "--out", out, "--steps", "1"])
     # --from: that decoder onto another depth model (here the whole-bundle run), naming --base
     grafted = str(tmp_path / "sub" / "grafted.safetensors")
-    depth_decoder.main(["--ckpt", str(tmp_path / "run" / "final.safetensors"), "--from", out, "--base",
-                        os.path.join("..", "base.safetensors"), "--dtype", "float16", "--out", grafted])
+    depth_vae.main(["--ckpt", str(tmp_path / "run" / "final.safetensors"), "--from", out, "--part", "decoder",
+                    "--base", os.path.join("..", "base.safetensors"), "--dtype", "float16", "--out", grafted])
     g = sd.load(grafted)
-    torch.testing.assert_close(dec(g), dec(tuned).half().float(), atol=0, rtol=0)
-    torch.testing.assert_close(enc(g), enc(b), atol=0, rtol=0)
+    torch.testing.assert_close(vae_flat(g, "decoder"), vae_flat(tuned, "decoder").half().float(), atol=0, rtol=0)
+    torch.testing.assert_close(vae_flat(g, "encoder"), vae_flat(b, "encoder"), atol=0, rtol=0)
     with pytest.raises(SystemExit, match="not both") as e:
-        depth_decoder.main(["--ckpt", unet_only, "--data", pairs, "--from", out, "--out", str(tmp_path / "x")])
+        depth_vae.main(["--ckpt", unet_only, "--data", pairs, "--from", out, "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+def test_depth_vae_all_tunes_the_prior_before_training_and_travels_whole(pairs, tmp_path):
+    """--part all on the prior: a whole bundle whose encoder and decoder both moved (latent scale kept), that
+    train.py --task depth trains from; its VAE then travels whole in the model's UNet-only file
+    (own_vae="all", config and scale_factor from the file). Tuning a trained depth model's encoder, or the decoder
+    of a model that is not a depth model, is refused in one line."""
+    import depth_vae
+    import train
+    from safetensors import safe_open
+    prior = sd.load(train.DEMO_PRIOR)
+    tuned_path = str(tmp_path / "prior_vae.safetensors")
+    depth_vae.main(["--ckpt", train.DEMO_PRIOR, "--data", pairs, "--out", tuned_path, "--resolution", "32",
+                    "--steps", "2", "--batch-size", "2", "--warmup", "1"])
+    tuned = sd.load(tuned_path)
+    assert "base_model" not in tuned.meta and tuned.meta["depth_vae_part"] == "all"
+    assert tuned.vae.scale_factor == prior.vae.scale_factor
+    for part in ("encoder", "decoder"):
+        assert not torch.equal(vae_flat(tuned, part), vae_flat(prior, part))
+    torch.testing.assert_close(tuned.unet.state_dict(), prior.unet.state_dict(), atol=0, rtol=0)
+    run = tiny_depth_run(pairs, tmp_path / "run", "--steps", "1", "--ckpt", tuned_path, "--preset", "depth-demo")
+    small = str(tmp_path / "small.safetensors")
+    depth_vae.main(["--ckpt", run, "--from", tuned_path, "--base", os.path.relpath(train.DEMO_PRIOR, tmp_path),
+                    "--dtype", "float16", "--out", small])
+    with safe_open(small, "pt") as f:
+        parts = {k.split(".")[1] for k in f.keys() if k.startswith("first_stage_model.")}
+    assert parts == {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+    m = sd.load(small)
+    assert m.meta["task"] == "depth" and m.vae.scale_factor == prior.vae.scale_factor
+    for part in ("encoder", "decoder"):
+        torch.testing.assert_close(vae_flat(m, part), vae_flat(tuned, part).half().float(), atol=0, rtol=0)
+    torch.testing.assert_close(m.text_encoder.state_dict(), prior.text_encoder.state_dict(), atol=0, rtol=0)
+    with pytest.raises(SystemExit, match="moves the latents"):
+        depth_vae.main(["--ckpt", run, "--data", pairs, "--out", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="needs a depth model"):
+        depth_vae.main(["--ckpt", train.DEMO_PRIOR, "--data", pairs, "--part", "decoder",
+                        "--out", str(tmp_path / "y.safetensors")])
 

@@ -5,8 +5,8 @@
 #   1. the training data, once: 8192 scenes.py rooms at 64 px (seed 0; train.py's default depth data, ~6 min, 2 processes);
 #   2. python train.py --task depth --steps $DEMO_STEPS: Diff2Flow, the prior fine-tuned Marigold-style, predicting
 #      affine-invariant depth (the depth-demo preset: --depth-norm marigold, --cache), ~30 min on one core;
-#   3. python toy/depth_decoder.py: the VAE decoder tuned on the training depth maps (the toy's one step beyond
-#      Marigold: see its docstring). It reads no UNet weights, so it runs beside step 2, on the other core (~8 min);
+#   3. python toy/depth_vae.py --part decoder: the VAE decoder tuned on the training depth maps (the toy's one step
+#      beyond Marigold: see its docstring). It reads no UNet weights, so it runs beside step 2, on the other core (~8 min);
 #   4. python toy/evaluate.py depth on both held-out sets, 128 scenes.py rooms of seed 10001 and 128 scenes of
 #      toy/rooms_sdf.py, the renderer no model trains on: steps 1/2/4/10 x ensemble 1/4, the VAE floor and the
 #      trivial baselines (the training set's mean depth map, depth linear in the row) -> RESULTS.md (~8 min).
@@ -35,12 +35,12 @@ rm -rf "$RUNS/depth-demo" "$RUNS/depth-decoder"
 mkdir -p "$RUNS/depth-decoder"
 python train.py --task depth --objective diff2flow --out "$RUNS/depth-decoder" --steps 1 --no-cache \
   --sample-every 0 "${DATA[@]}" > /dev/null  # a depth model file of the preset's encoding: the decoder's start
-python toy/depth_decoder.py --ckpt "$RUNS/depth-decoder/final.safetensors" --data "$TRAIN_SCENES" \
-  --out "$RUNS/depth-decoder/decoder.safetensors" --steps "$DEC_STEPS" &
+python toy/depth_vae.py --part decoder --ckpt "$RUNS/depth-decoder/final.safetensors" --data "$TRAIN_SCENES" \
+  --out "$RUNS/depth-decoder/decoder.safetensors" --steps "$DEC_STEPS" --batch-size 32 &
 DECODER_PID=$!
 python train.py --task depth --objective diff2flow --out "$RUNS/depth-demo" --steps "$DEMO_STEPS" "${DATA[@]}"
 wait "$DECODER_PID"
-python toy/depth_decoder.py --ckpt "$RUNS/depth-demo/final.safetensors" --from "$RUNS/depth-decoder/decoder.safetensors" \
+python toy/depth_vae.py --part decoder --ckpt "$RUNS/depth-demo/final.safetensors" --from "$RUNS/depth-decoder/decoder.safetensors" \
   --base prior_tiny.safetensors --dtype float16 --out "$DEST/depth_tiny.new.safetensors"  # the UNet + the tuned decoder
 mv "$DEST/depth_tiny.new.safetensors" "$DEST/depth_tiny.safetensors"
 ls -l "$DEST/depth_tiny.safetensors"
@@ -53,7 +53,7 @@ if [[ "$COMPARE" == 1 ]]; then  # the same data, steps, noise and seed; the demo
     rm -rf "$RUNS/depth-$obj" && mkdir -p "$RUNS/depth-$obj"
     [[ -d "$RUNS/depth-demo/cache" ]] && cp -r "$RUNS/depth-demo/cache" "$RUNS/depth-$obj/cache"
     python train.py --task depth --objective "$obj" --out "$RUNS/depth-$obj" --steps "$CMP_STEPS" "${DATA[@]}"
-    python toy/depth_decoder.py --ckpt "$RUNS/depth-$obj/final.safetensors" \
+    python toy/depth_vae.py --part decoder --ckpt "$RUNS/depth-$obj/final.safetensors" \
       --from "$RUNS/depth-decoder/decoder.safetensors" --out "$RUNS/depth-$obj/with_decoder.safetensors"
     CKPTS+=(--ckpt "$RUNS/depth-$obj/with_decoder.safetensors")
   done
