@@ -143,6 +143,7 @@ def atomic_path(path, need=0):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; outputs get the user's usual permissions
         os.replace(tmp, path)
         _fsync_dir(path)
     except Exception as e:  # safetensors' SafetensorError is no OSError
@@ -156,6 +157,12 @@ def atomic_path(path, need=0):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask():
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def pid_alive(pid):

@@ -11,7 +11,8 @@ The model. The UNet takes 8 input channels, the noisy depth latent then the imag
 VAE latent mean, concatenated along channels); its first conv is the prior's with the weights copied
 for the image half and both halves halved (expand_first_conv), so at the start of fine-tuning an image
 latent equal to the noisy latent gives exactly the prior's first layer. Text: the empty prompt, encoded
-once. It is a flow from noise (t = 0) to the depth latent (t = 1), sampled with Euler steps.
+once. It is a flow from noise (t = 0) to the depth latent (t = 1), sampled with Euler steps: by default the
+number the model file records (sampler_meta: 1 for a model trained at t = 0 only, as the demo, else 10).
 
 Depth encoding (normalize_depth): log depth, per image mapped to [-1, 1] by its 2% and 98% quantiles over
 the valid pixels (Marigold's quantiles; log depth as the Diff2Flow paper: equal relative errors weigh the
@@ -546,7 +547,14 @@ def task(cfg, bundle, env):
     def grid(unet, objective, path):  # the first 4 pairs: image, target, prediction
         sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
     return TaskData(sum(sizes), batches, [""], grid, "depth pairs" + (" (cached)" if cfg.cache else ""),
-                    meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm))
+                    meta=sampler_meta(cfg))
+
+
+def sampler_meta(cfg):
+    """The steps and ensemble depth.py uses by default, recorded in the model file: 1 step for a model trained at
+    t = 0 only (--t-sampling noise_end), whose one Euler step is the prediction it learned; else 10."""
+    return dict(steps=1 if cfg.t_sampling == "noise_end" else 10, ensemble=4, depth_norm=cfg.depth_norm,
+                t_sampling=cfg.t_sampling)
 
 
 def first_shard_pairs(shards, size, norm, k=4):
@@ -591,7 +599,7 @@ def shard_task(cfg, bundle, env, shards, empty):
     def grid(unet, objective, path):
         sample_grid(bundle, unet, objective, gx1, gcond, empty, path, env.amp)
     return TaskData(len(shards), batches, [""], grid, "depth tar shards (streamed)",
-                    meta=dict(steps=10, ensemble=4, depth_norm=cfg.depth_norm),
+                    meta=sampler_meta(cfg),
                     counts=skips.counts)
 
 
@@ -704,8 +712,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsOnce)
     p.add_argument("inputs", nargs="+", help="images (PNG/JPEG, RGB/RGBA/grey/16-bit) or folders of images")
     p.add_argument("--ckpt", help="a depth model from train.py --task depth (default: the bundled tiny demo)")
-    p.add_argument("--steps", type=int, default=10, help="Euler steps per prediction")
-    p.add_argument("--ensemble", type=int, default=4, help="predictions per image (different noise), median-combined")
+    p.add_argument("--steps", type=int, help="Euler steps per prediction (default: the model's, from its training: "
+                   "1 for --t-sampling noise_end, else 10)")
+    p.add_argument("--ensemble", type=int, help="predictions per image (different noise), median-combined "
+                   "(default: the model's, 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every image)")
     p.add_argument("--processing-res", type=int, help="longer side the model sees, in pixels (default: the "
                    "model's training resolution); the outputs have the input's size")
@@ -719,7 +729,7 @@ def build_parser():
 
 def check_args(a):
     for name in ("steps", "ensemble"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             usage_error(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.processing_res is not None and a.processing_res < 16:
         usage_error(f"--processing-res must be >= 16, got {a.processing_res}")
@@ -733,6 +743,7 @@ def main(argv=None):
     check_args(a)
     torch.set_num_threads(a.threads or (1 if a.device == "cpu" else torch.get_num_threads()))
     bundle = load_model(a.ckpt, a.device)
+    a.steps, a.ensemble = (getattr(a, k) or int(bundle.meta.get(k, v)) for k, v in (("steps", 10), ("ensemble", 4)))
     context = bundle.encode_prompt([""])
     os.makedirs(a.out, exist_ok=True)
     remove_stale_temps(a.out)  # the temp files of killed writers (dead pids only)

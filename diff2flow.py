@@ -242,13 +242,21 @@ def velocity_model(unet, alphas_cumprod, prediction, objective):
 # ------------------------------------------------------------------------------------- training
 
 
+FM_TIME_SAMPLINGS = ("uniform", "logit_normal", "noise_end")
+
+
 def sample_fm_time(n: int, kind: str = "uniform", generator=None, device=None, dtype=torch.float32):
-    """FM training times t ~ U[0, 1], or logit-normal t = sigmoid(N(0, 1)) (Esser et al. 2024)."""
+    """FM training times: t ~ U[0, 1] (the paper's), logit-normal t = sigmoid(N(0, 1)) (Esser et al. 2024), or
+    noise_end: t = 0 only, the one time a 1-step Euler sampler evaluates, so training spends every step on the
+    prediction the sampler uses: single-step fine-tuning of an image-conditional model (Garcia et al. 2024,
+    "Fine-tuning Image-Conditional Diffusion Models is Easier than You Think", for Marigold's depth)."""
     if kind == "uniform":
         return torch.rand(n, generator=generator, device=device, dtype=dtype)
     if kind == "logit_normal":
         return torch.sigmoid(torch.randn(n, generator=generator, device=device, dtype=dtype))
-    raise ValueError(f"unknown FM time sampling {kind!r}")
+    if kind == "noise_end":
+        return torch.zeros(n, device=device, dtype=dtype)
+    raise ValueError(f"unknown FM time sampling {kind!r}: expected one of {', '.join(FM_TIME_SAMPLINGS)}")
 
 
 def _noise_like(x1, noise, generator):

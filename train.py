@@ -67,7 +67,7 @@ class TrainConfig:  # None: the preset's value
     objective: str = arg("diff2flow", "training loss", choices=["diff2flow", "fm", "diffusion"])
     fm_time: str = arg("fm", "--objective fm: the UNet's time is t_FM (official) or (1 - t_FM)(T - 1)",
                        choices=["fm", "dm_direction"])
-    t_sampling: str = arg("uniform", "FM time distribution (diff2flow, fm)", choices=["uniform", "logit_normal"])
+    t_sampling: str = arg("uniform", "FM time distribution (diff2flow, fm)", choices=diff2flow.FM_TIME_SAMPLINGS)
     prediction: str = arg(None, "eps or v: override the guess for an SD2 file whose name does not say",
                           choices=["eps", "v"])
     lora: str = arg(None, "LoRA: a preset (base, small), a rank (64) or a width fraction (0.2); '' = full fine-tuning")

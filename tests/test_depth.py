@@ -284,12 +284,26 @@ def test_train_depth_writes_a_depth_model_and_resumes_exactly(pairs, tmp_path):
     straight = tiny_depth_run(pairs, tmp_path / "a", "--steps", "2", "--sample-every", "2")
     b = sd.load(straight)
     assert b.unet.cfg.in_channels == 8 and b.objective == "diff2flow"
-    assert (b.meta["task"], b.meta["resolution"], b.meta["steps"], b.meta["ensemble"]) == ("depth", "32", "10", "4")
+    assert (b.meta["task"], b.meta["resolution"], b.meta["steps"], b.meta["ensemble"]) == ("depth", "32", "1", "4")
     assert Image.open(tmp_path / "a" / "samples" / "step_000002.png").size == (4 * 32, 3 * 32)
     tiny_depth_run(pairs, tmp_path / "b", "--steps", "1")
     resumed = sd.load(tiny_depth_run(pairs, tmp_path / "b", "--steps", "2", "--resume"))
     for (k, v), w in zip(b.unet.state_dict().items(), resumed.unet.state_dict().values()):
         torch.testing.assert_close(v, w, msg=k)
+
+
+def test_depth_py_samples_with_the_steps_the_model_was_trained_for(pairs, tmp_path):
+    """The depth-demo preset trains t = 0 only (--t-sampling noise_end), so its file records 1 step; uniform t
+    records 10. depth.py uses the file's unless told."""
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    for t_sampling, steps in (("noise_end", "1"), ("uniform", "10")):
+        path = tiny_depth_run(pairs, tmp_path / t_sampling, "--steps", "1", "--t-sampling", t_sampling)
+        assert (sd.load(path).meta["steps"], sd.load(path).meta["ensemble"]) == (steps, "4")
+        out = depth.main([str(image), "--ckpt", path, "--out", str(tmp_path / t_sampling / "out")])
+        assert (Image.open(out[0]).text["steps"], Image.open(out[0]).text["ensemble"]) == (steps, "4")
+    out = depth.main([str(image), "--ckpt", path, "--out", str(tmp_path / "told"), "--steps", "3", "--ensemble", "2"])
+    assert (Image.open(out[0]).text["steps"], Image.open(out[0]).text["ensemble"]) == ("3", "2")
 
 
 def test_train_depth_lora_and_fm_models_load_as_depth_models(pairs, tmp_path):
@@ -386,13 +400,17 @@ def test_marigold_encoding_is_affine_invariant_and_linear_in_depth():
 
 
 @pytest.mark.skipif(not os.path.exists(depth.DEMO), reason="needs the depth demo (toy/make_depth_demo.sh)")
-def test_the_depth_demo_predicts_affine_invariant_depth_through_its_own_decoder():
-    """toy/make_depth_demo.sh's file: Marigold's encoding, the prior's encoder, a decoder tuned on depth maps."""
+def test_the_depth_demo_predicts_affine_invariant_depth_through_its_own_vae():
+    """toy/make_depth_demo.sh's file: Marigold's encoding, 1 step by default, its own VAE (tuned on the training
+    pairs, toy/depth_vae.py --part all) over the prior's text encoder."""
     b, prior = sd.load(depth.DEMO), sd.load(os.path.join(os.path.dirname(depth.DEMO), "prior_tiny.safetensors"))
     assert (b.meta["task"], b.meta["depth_norm"], b.meta["base_model"]) == ("depth", "marigold", "prior_tiny.safetensors")
+    assert (b.meta["steps"], b.meta["t_sampling"]) == ("1", "noise_end")
     same = lambda part: all(torch.equal(x, y) for x, y in zip(getattr(b.vae, part).state_dict().values(),
                                                               getattr(prior.vae, part).state_dict().values()))
-    assert same("encoder") and not same("decoder")
+    assert not same("encoder") and not same("decoder")
+    assert all(torch.equal(x, y) for x, y in zip(b.text_encoder.state_dict().values(),
+                                                 prior.text_encoder.state_dict().values()))
 
 
 @pytest.mark.skipif(not os.path.exists(depth.DEMO), reason="needs the depth demo (toy/make_depth_demo.sh)")

@@ -413,6 +413,21 @@ def test_fm_time_sampling_statistics():
     assert 0 < ln.min() and ln.max() < 1
     logit = torch.log(ln / (1 - ln))
     assert abs(logit.mean()) < 4 / n**0.5 and abs(logit.std() - 1) < 4 / (2 * n) ** 0.5, "logit ~ N(0, 1)"
+    assert torch.equal(d.sample_fm_time(5, "noise_end", dtype=torch.float64), torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise_end"):
+        d.sample_fm_time(5, "shifted")
+
+
+def test_noise_end_training_is_the_one_step_samplers_regression():
+    """--t-sampling noise_end trains the prediction a 1-step Euler sampler uses: at t = 0, x_t = x_0 (the noise) and
+    one Euler step x_0 + v lands on x_1 exactly when v = x_1 - x_0, so the FM loss at t = 0 is the 1-step sample's
+    squared error, || x_0 + v(x_0, 0) - x_1 ||²."""
+    x1, noise = torch.randn(6, D, dtype=torch.float64), torch.randn(6, D, dtype=torch.float64)
+    net = oracle(SD, "v")
+    loss = d.diff2flow_loss(net, x1, None, SD, "v", noise=noise, t_sampling="noise_end")
+    flow = d.FlowModel(net, SD, "v")
+    one_step = d.sample_euler(flow, noise, 1)
+    torch.testing.assert_close(loss, ((one_step - x1) ** 2).mean(), rtol=1e-12, atol=0)
 
 
 def test_time_shift():

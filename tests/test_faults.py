@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import common
 import data
@@ -329,6 +330,17 @@ def _png16_rgb(path, a):
     chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
     open(path, "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
                            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_atomic_writes_get_the_users_usual_permissions_not_safetensors_0600(tmp_path):
+    old = os.umask(0o027)  # a group-readable setup, as on a shared cluster
+    try:
+        out = str(tmp_path / "final.safetensors")
+        with common.atomic_path(out) as tmp:
+            save_file({"w": torch.ones(2)}, tmp)  # safetensors itself creates 0600
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o640
 
 
 def test_every_reader_maps_16_bit_cmyk_palette_and_alpha_images_to_the_right_rgb(tmp_path):

@@ -123,6 +123,9 @@ def test_update_results_replaces_only_its_section(tmp_path):
     assert "second" in text and "first" not in text and "kept" in text
     assert text.index("## A") < text.index("## B")  # a section keeps its place
     assert text.count("<!-- begin a -->") == 1 and text.count("<!-- end b -->") == 1
+    p.write_text(text.replace("<!-- end a -->\n", "<!-- end a -->\n\nprose after a\n"))
+    metrics.update_results(p, "a", "## A\nthird")
+    assert "<!-- end a -->\n\nprose after a\n" in p.read_text()  # hand-written prose stays its own paragraph
 
 
 # ----------------------------------------------------------------------------- held-out measurement

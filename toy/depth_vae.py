@@ -6,7 +6,7 @@ flat-coloured shapes: decode(encode(depth)) alone, the best any depth model coul
 0.77) on held-out scenes.py rooms and 0.137 (0.82) on toy/rooms_sdf.py scenes (128 each, 64 px, Marigold's encoding
 and depth-space alignment), and a 64 px room comes back at 14.5 dB PSNR.
 
---part decoder (the demo's, toy/make_depth_demo.sh) tunes the decoder (with post_quant_conv) to invert the FROZEN
+--part decoder (toy/make_depth_demo.sh --compare's) tunes the decoder (with post_quant_conv) to invert the FROZEN
 encoder on depth maps: the latent space the UNet is trained on and predicts stays the prior's, only the way back to
 pixels improves (400 steps: the floor falls to 0.021 / 0.989 and 0.027 / 0.982). It reads no UNet, so it runs after
 (or while) train.py trains the depth model:
@@ -14,10 +14,12 @@ pixels improves (400 steps: the floor falls to 0.021 / 0.989 and 0.027 / 0.982).
     python toy/depth_vae.py --part decoder --ckpt runs/depth/final.safetensors \
         --data runs/data/scenes-v2-64px-seed0-n8192 --out runs/depth/with_decoder.safetensors
 
---part all tunes encoder and decoder BEFORE the UNet is trained, on both what the UNet reads (the RGB image: L1 +
+--part all (the demo's, toy/make_depth_demo.sh) tunes encoder and decoder BEFORE the UNet is trained, on both what the UNet reads (the RGB image: L1 +
 MSE) and what it predicts (the depth map: L1 of the decoded channel mean, what depth.decode_depth reads), from the
 prior's VAE, whose latent scale it keeps (the tuned latents' std stays 1.0); train.py --task depth then trains from
-the file it writes (--ckpt). 250 steps of 16 pairs (9 min): RGB 14.5 -> 25.8 dB PSNR, depth L1 0.137 -> 0.025.
+the file it writes (--ckpt). 250 steps of 16 pairs (6.5 min): RGB 14.3 -> 25.9 dB PSNR, depth L1 0.141 -> 0.024
+on the first 64 training pairs. The UNet then reads a faithful image latent, where the prior's encoder, trained on
+flat shapes, kept little of a textured room.
 
     python toy/depth_vae.py --ckpt assets/demo/prior_tiny.safetensors --data runs/data/scenes-v2-64px-seed0-n8192 \
         --out runs/depth-vae/prior.safetensors

@@ -48,7 +48,8 @@ def update_results(path, section: str, markdown: str):
     text = path.read_text() if path.exists() else "# Results\n\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")  # the prose after a section stays a paragraph
     else:
         text = text.rstrip("\n") + "\n\n" + block
     with common.atomic_path(str(path)) as tmp:  # a crash never leaves half a file

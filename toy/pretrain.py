@@ -201,7 +201,7 @@ def parser():
     opt("--threads", 0, "torch CPU threads, 0 = 1 (on a busy 2-core machine 2 threads can be 10x slower for "
         "these small models)")
     opt("--t-sampling", "uniform", "data.draw's FM time distribution (unused by the diffusion loss's integer "
-        "timesteps)", choices=["uniform", "logit_normal"])
+        "timesteps)", choices=diff2flow.FM_TIME_SAMPLINGS)
     opt("--caption-dropout", 0.1, "fraction of captions replaced by the empty prompt (trains the CFG branch)")
     return p
 
