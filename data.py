@@ -49,8 +49,8 @@ from common import (atomic_path, fail, one_line_warnings, open_rgb, return_freed
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "runs", "data")  # where the demo presets' data is made once
 N_DEMO = 4096  # items of the demo data: toy/synth.py / toy/scenes.py items 0..n-1 of their training streams
-DEMO_KINDS = {"shapes": ("shapes", 1), "scenes": ("scenes-v2", 2)}  # folder name (v2: the varied rooms of
-# scenes.py since #18, so a folder of the old rooms is not reused) and items in units of N_DEMO
+DEMO_KINDS = {"shapes": ("shapes", 1), "scenes": ("scenes-v3", 2)}  # folder name (v2: the varied rooms of
+# scenes.py since #18, v3: with open fields; so a folder of older scenes is not reused) and items in units of N_DEMO
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

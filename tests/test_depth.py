@@ -355,7 +355,7 @@ def test_heldout_scenes_are_written_once(tmp_path, monkeypatch):
     monkeypatch.setattr(depth_eval, "ROOT", str(tmp_path))
     monkeypatch.setattr(scenes, "write_pairs", lambda *a: calls.append(a) or os.makedirs(a[0]))
     first = depth_eval.heldout_scenes(size=16, n=3)
-    assert first == depth_eval.heldout_scenes(size=16, n=3) == str(tmp_path / "runs/data/scenes-v2-16px-seed10001-n3")
+    assert first == depth_eval.heldout_scenes(size=16, n=3) == str(tmp_path / "runs/data/scenes-v3-16px-seed10001-n3")
     assert calls == [(first, 3, 16, scenes.TEST_SEED)] and os.path.exists(os.path.join(first, "done"))
 
 

@@ -92,6 +92,18 @@ def test_depths_are_metric_and_in_range_and_sky_is_invalid():
     assert skies > 0, "some rooms are open to the sky (invalid pixels)"
 
 
+def test_open_fields_reach_far_and_end_in_sky_within_the_evaluation_range():
+    """The fields (scenes.OUTDOOR) are the training scenes' only depths beyond a room's 20 m: ground that runs to
+    a haze line, sky above it, depth up to the range depth.py evaluates in."""
+    lo, hi = depth.DEPTH_RANGES["scenes"]
+    fields = [s for s in (scenes.make_scene(0, i) for i in range(40)) if np.isfinite(s.far)]
+    assert 3 <= len(fields) <= 16  # about 20% of 40
+    for s in fields[:3]:
+        assert s.sky and s.lamp == 0 and sum(o.kind == "plane" for o in s.surfaces) == 1  # ground only, sunlit
+        _, d = scenes.render(s, 24)
+        assert (d == 0).any() and d.max() > 15 and d.max() < hi
+
+
 def test_write_pairs_16bit_millimetres_read_back(tmp_path):
     out = scenes.write_pairs(tmp_path / "pairs", 3, 16, seed=5)
     ds = depth.PairDataset(out)

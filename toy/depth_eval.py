@@ -21,6 +21,7 @@ import rooms_sdf  # noqa: E402
 import scenes  # noqa: E402
 from depth import (DEPTH_RANGES, PairDataset, decode_depth, depth_metrics, encode_depth, load_model,  # noqa: E402
                    mean_metrics, normalize_depth, predict, processing_size, size_multiple, square)
+import data  # noqa: E402
 from data import parse_resolution  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -67,7 +68,7 @@ def vae_floor(bundle, ds, res, drange=DEPTH_RANGES["scenes"], n=None):
 
 def heldout_scenes(size=64, n=128):
     """The held-out test scenes (scenes.TEST_SEED, never trained on), written once to runs/data/."""
-    path = os.path.join(ROOT, "runs", "data", f"scenes-v2-{size}px-seed{scenes.TEST_SEED}-n{n}")
+    path = os.path.join(ROOT, "runs", "data", f"{data.DEMO_KINDS['scenes'][0]}-{size}px-seed{scenes.TEST_SEED}-n{n}")
     return common.written_once(path, lambda p: scenes.write_pairs(p, n, size, scenes.TEST_SEED))
 
 

@@ -12,16 +12,16 @@ pixels improves (400 steps: the floor falls to 0.021 / 0.989 and 0.027 / 0.982).
 (or while) train.py trains the depth model:
 
     python toy/depth_vae.py --part decoder --ckpt runs/depth/final.safetensors \
-        --data runs/data/scenes-v2-64px-seed0-n8192 --out runs/depth/with_decoder.safetensors
+        --data runs/data/scenes-v3-64px-seed0-n8192 --out runs/depth/with_decoder.safetensors
 
 --part all (the demo's, toy/make_depth_demo.sh) tunes encoder and decoder BEFORE the UNet is trained, on both what the UNet reads (the RGB image: L1 +
 MSE) and what it predicts (the depth map: L1 of the decoded channel mean, what depth.decode_depth reads), from the
 prior's VAE, whose latent scale it keeps (the tuned latents' std stays 1.0); train.py --task depth then trains from
-the file it writes (--ckpt). 250 steps of 16 pairs (6.5 min): RGB 14.3 -> 25.9 dB PSNR, depth L1 0.141 -> 0.024
-on the first 64 training pairs. The UNet then reads a faithful image latent, where the prior's encoder, trained on
+the file it writes (--ckpt). 250 steps of 16 pairs (7 min): RGB 14.5 -> 25.3 dB PSNR, depth L1 0.135 -> 0.023
+on the first 64 training pairs (v3 scenes). The UNet then reads a faithful image latent, where the prior's encoder, trained on
 flat shapes, kept little of a textured room.
 
-    python toy/depth_vae.py --ckpt assets/demo/prior_tiny.safetensors --data runs/data/scenes-v2-64px-seed0-n8192 \
+    python toy/depth_vae.py --ckpt assets/demo/prior_tiny.safetensors --data runs/data/scenes-v3-64px-seed0-n8192 \
         --out runs/depth-vae/prior.safetensors
     python toy/depth_vae.py --ckpt runs/depth/final.safetensors --from runs/depth-vae/prior.safetensors \
         --base ../../assets/demo/prior_tiny.safetensors --out runs/depth/small.safetensors   # UNet + that VAE

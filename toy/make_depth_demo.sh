@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO_STEPS=3000; VAE_STEPS=250; CMP_STEPS=600; DEC_STEPS=400; DEST=assets/demo; RUNS=runs; EVAL=(); COMPARE=0; DATA=()
-TRAIN_SCENES=runs/data/scenes-v2-64px-seed0-n8192  # train.py's default depth data (data.DEMO_KINDS)
+TRAIN_SCENES=runs/data/scenes-v3-64px-seed0-n8192  # train.py's default depth data (data.DEMO_KINDS)
 for arg in "$@"; do
   case "$arg" in
     --compare) COMPARE=1 ;;

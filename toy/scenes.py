@@ -1,13 +1,15 @@
 """Synthetic indoor scenes with exact metric depth: our stand-in for Hypersim (image-to-depth, depth.py).
 
 A room of random size (floor, walls, and a ceiling unless the room is open to the sky) with 0-8 boxes
-(turned about the vertical axis, a few hanging as shelves), spheres and upright cylinders of random sizes,
+(turned about the vertical axis, a few hanging as shelves), spheres and upright cylinders of random sizes, or
+(20%) an open field: ground to a haze at 18-30 m under the sky, with 3-12 objects up to 4x larger,
 plain or textured (checker, stripes or smooth noise, in world coordinates), lit by ambient light of random
 level, a point lamp of random place and strength that casts shadows and, in open rooms, a sun from a random
 direction, seen by a pinhole camera of random place, height, yaw, pitch, roll and field of view: varied
 enough that a depth model has to read the image, not learn one room layout. Everything is a vectorised numpy ray cast, so depth is exact: depth = planar z-distance along
 the camera's viewing axis (what Hypersim's and Marigold's evaluations use, not the distance along the
-ray), in metres. Rays that leave an open room see the sky: no depth there (invalid, stored as 0).
+ray), in metres. Rays that leave an open room, or pass a field's haze, see the sky: no depth there (invalid,
+stored as 0).
 
 Colour is rendered at 2x2 samples per pixel and box-filtered (antialiased); depth is cast through the
 pixel centres only (averaging depths across an edge would invent "flying pixels" between surfaces).
@@ -34,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 TRAIN_SEED, TEST_SEED, HELDOUT_FROM = 0, 10_001, 10_000
+OUTDOOR = 0.2  # the share of open fields (v3, data.DEMO_KINDS): without them no training scene is farther than 20 m
 EPS = 1e-4  # ray offset off a surface (shadow rays), metres
 SUPERSAMPLE = 2
 
@@ -60,6 +63,7 @@ class Scene:
     ambient: float = 0.3  # light everywhere, shadow or not
     lamp: float = 6.0  # the point lamp's strength (falls off as 1 / (1 + distance^2))
     sun: np.ndarray = None  # (3,) towards the sun, its length the strength: directional light (open rooms)
+    far: float = np.inf  # rays that travel farther see the sky (an open field's haze line)
 
 
 # ----------------------------------------------------------------------------- intersections, vectorised
@@ -163,7 +167,7 @@ def texture(s, p):
 def shade(scene, o, d):
     """Colour (N, 3) in [0, 1] (gamma-encoded) and planar depth (N,) (0 where the ray sees the sky)."""
     t, idx, n = cast(scene.surfaces, o, d)
-    hit = np.isfinite(t)
+    hit = t < scene.far
     p = o + np.where(hit, t, 0)[:, None] * d
     n = np.where((n * d).sum(1, keepdims=True) > 0, -n, n)  # face the camera (walls seen from inside)
     albedo = np.zeros_like(p)
@@ -224,10 +228,11 @@ def random_material(rng, scale_range=(0.3, 1.2)):
     return np.stack([base, other]), kind, tex
 
 
-def room(rng, w, dd, h, sky):
-    """Floor, four walls and (closed rooms) a ceiling of a room [-w/2, w/2] x [0, h] x [-1, dd]."""
-    walls = [((0, 0, 0), (0, 1, 0)), ((-w / 2, 0, 0), (1, 0, 0)), ((w / 2, 0, 0), (-1, 0, 0)),
-             ((0, 0, dd), (0, 0, -1)), ((0, 0, -1), (0, 0, 1))]
+def room(rng, w, dd, h, sky, outdoor=False):
+    """Floor, four walls and (closed rooms) a ceiling of a room [-w/2, w/2] x [0, h] x [-1, dd]; outdoors the
+    floor alone."""
+    walls = [((0, 0, 0), (0, 1, 0))] + ([] if outdoor else [
+        ((-w / 2, 0, 0), (1, 0, 0)), ((w / 2, 0, 0), (-1, 0, 0)), ((0, 0, dd), (0, 0, -1)), ((0, 0, -1), (0, 0, 1))])
     if not sky:
         walls.append(((0, h, 0), (0, -1, 0)))
     out = []
@@ -239,11 +244,11 @@ def room(rng, w, dd, h, sky):
     return out
 
 
-def random_object(rng, w, dd, h):
-    """One box, sphere or cylinder of random size standing on the floor (or, a few boxes, hanging from the
-    ceiling height as shelves), anywhere in the room from 0.8 m before the camera's end wall."""
+def random_object(rng, w, dd, h, scale=1.0):
+    """One box, sphere or cylinder of random size (times scale) standing on the floor (or, a few boxes, hanging
+    from the ceiling height as shelves), anywhere in the room from 0.8 m before the camera's end wall."""
     kind = ("box", "box", "sphere", "cylinder")[rng.integers(4)]
-    size = rng.uniform(0.08, 1.0) * rng.uniform(0.4, 1.0, 3)  # flat, tall, long or cube-like
+    size = scale * rng.uniform(0.08, 1.0) * rng.uniform(0.4, 1.0, 3)  # flat, tall, long or cube-like
     x, z = rng.uniform(-w / 2 + 0.1, w / 2 - 0.1), rng.uniform(0.8, dd - 0.1)
     mat = random_material(rng, (0.05, 0.5))
     if kind == "sphere":
@@ -291,15 +296,20 @@ def lights(rng, w, dd, h, sky):
 
 def make_scene(seed, i):
     """Scene i of seed `seed`: depends on (seed, i) only, so any subset can be rebuilt in any order. Rooms from
-    2.5 x 3 m to 12 x 20 m, 2.2-5 m high (30% open to the sky), 0-8 objects the camera is not inside."""
+    2.5 x 3 m to 12 x 20 m, 2.2-5 m high (30% open to the sky), 0-8 objects the camera is not inside; or (OUTDOOR)
+    a field of 15-50 x 15-40 m, seen to a haze line 18-30 m away (depth.DEPTH_RANGES' 30 m), 3-12 objects of 1-4x the size, sunlit."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
-    w, dd, h = rng.uniform(2.5, 12), rng.uniform(3, 20), rng.uniform(2.2, 5.0)
-    sky = rng.random() < 0.3
+    outdoor = rng.random() < OUTDOOR
+    w, dd = (rng.uniform(15, 50), rng.uniform(15, 40)) if outdoor else (rng.uniform(2.5, 12), rng.uniform(3, 20))
+    h = rng.uniform(2.2, 5.0)
+    sky = outdoor or rng.random() < 0.3
     eye, rot, fov = camera(rng, w, dd, h)
-    objects = [random_object(rng, w, dd, h) for _ in range(rng.integers(0, 9))]
-    surfaces = room(rng, w, dd, h, sky) + [o for o in objects if clear_of(eye, o)]
+    scale, count = (rng.uniform(1, 4), rng.integers(3, 13)) if outdoor else (1.0, rng.integers(0, 9))
+    objects = [random_object(rng, w, dd, h, scale) for _ in range(count)]
+    surfaces = room(rng, w, dd, h, sky, outdoor) + [o for o in objects if clear_of(eye, o)]
     light, lamp, ambient, sun = lights(rng, w, dd, h, sky)
-    return Scene(surfaces, eye, rot, fov, light, sky, ambient, lamp, sun)
+    far = rng.uniform(18, 30) if outdoor else np.inf
+    return Scene(surfaces, eye, rot, fov, light, sky, ambient, 0.0 if outdoor else lamp, sun, far)
 
 
 def write_pair(out, size, seed, i):
