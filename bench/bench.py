@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root's modules: sd, unet, ...
@@ -412,8 +413,10 @@ def bench_load(args):
 
 def print_table(rows):
     head = ("benchmark", "ours", "reference", "unit", "ours/ref")
-    num = lambda v: f"{v:.1f}" if abs(v) >= 10 else f"{v:.4g}"  # noqa: E731
-    body = [(what, num(a), num(b), unit, f"{a / b:.3f}") for what, a, b, unit in rows]
+    # 4 significant digits, never an exponent: a ratio of 0.0445 printed as 0.045 would be 1% off
+    sig = lambda v: np.format_float_positional(v, 4, fractional=False, trim="-")  # noqa: E731
+    num = lambda v: f"{v:.1f}" if abs(v) >= 10 else sig(v)  # noqa: E731
+    body = [(what, num(a), num(b), unit, sig(a / b)) for what, a, b, unit in rows]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     for r in [head, tuple("-" * w for w in widths), *body]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
