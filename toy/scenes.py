@@ -297,7 +297,8 @@ def lights(rng, w, dd, h, sky):
 def make_scene(seed, i):
     """Scene i of seed `seed`: depends on (seed, i) only, so any subset can be rebuilt in any order. Rooms from
     2.5 x 3 m to 12 x 20 m, 2.2-5 m high (30% open to the sky), 0-8 objects the camera is not inside; or (OUTDOOR)
-    a field of 15-50 x 15-40 m, seen to a haze line 18-30 m away (depth.DEPTH_RANGES' 30 m), 3-12 objects of 1-4x the size, sunlit."""
+    a field of 15-50 x 15-40 m seen to a haze line 18-30 m away (inside depth.DEPTH_RANGES' 30 m), 3-12 objects
+    of 1-4x the size, sunlit."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
     outdoor = rng.random() < OUTDOOR
     w, dd = (rng.uniform(15, 50), rng.uniform(15, 40)) if outdoor else (rng.uniform(2.5, 12), rng.uniform(3, 20))
