@@ -8,8 +8,8 @@ level, a point lamp of random place and strength that casts shadows and, in open
 direction, seen by a pinhole camera of random place, height, yaw, pitch, roll and field of view: varied
 enough that a depth model has to read the image, not learn one room layout. Everything is a vectorised numpy
 ray cast, so depth is exact: depth = planar z-distance along the camera's viewing axis (what Hypersim's and
-Marigold's evaluations use, not the distance along the ray), in metres. Rays that leave an open room, or pass a field's haze, see the sky: no depth there (invalid,
-stored as 0).
+Marigold's evaluations use, not the distance along the ray), in metres. Rays that leave an open room, or
+pass a field's haze, see the sky: no depth there (invalid, stored as 0).
 
 Colour is rendered at 2x2 samples per pixel and box-filtered (antialiased); depth is cast through the
 pixel centres only (averaging depths across an edge would invent "flying pixels" between surfaces).
