@@ -48,9 +48,10 @@ from common import (atomic_path, fail, one_line_warnings, open_rgb, return_freed
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_DATA = os.path.join(ROOT, "runs", "data")  # where the demo presets' data is made once
-N_DEMO = 4096  # items of the demo data: toy/synth.py / toy/scenes.py items 0..n-1 of their training streams
-DEMO_KINDS = {"shapes": ("shapes", 1), "scenes": ("scenes-v3", 2)}  # folder name (v2: the varied rooms of
-# scenes.py since #18, v3: with open fields; so a folder of older scenes is not reused) and items in units of N_DEMO
+N_DEMO = 4096  # items of the demo data: toy/synth.py / scenes.py / streets.py items 0..n-1 of their training streams
+DEMO_KINDS = {"shapes": ("shapes", 1, "synth.py"), "scenes": ("scenes-v3", 2, "scenes.py"),
+              "streets": ("streets-v1", 1, "streets.py")}  # folder name (scenes v2: the varied rooms since #18, v3:
+# with open fields; so a folder of older scenes is not reused), items in units of N_DEMO, and toy/'s writer
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -682,8 +683,9 @@ def text_grid(cfg, bundle, env, prompts, steps=25, scale=7.5):
 
 
 def demo(spec, resolution):
-    """--data / --prompts of the demo presets ("demo:shapes", "demo:scenes", "demo:prompts") -> (the path under
-    runs/data/, make() writing it once with the toy's writer, the program that owns that data); else (spec, None)."""
+    """--data / --prompts of the demo presets ("demo:shapes", "demo:scenes", "demo:streets", "demo:prompts") ->
+    (the path under runs/data/, make() writing it once with the toy's writer, the program that owns that data);
+    else (spec, None)."""
     kind = spec.removeprefix("demo:") if spec and spec.startswith("demo:") else None
     if kind is None:
         return spec, None
@@ -691,9 +693,9 @@ def demo(spec, resolution):
         folder = os.path.join(DEMO_DATA, f"prompts-seed0-n{N_DEMO}")
         path, args = os.path.join(folder, "prompts.txt"), ["synth.py", "--prompts", "PATH", "--n", N_DEMO]
     else:
-        name, n = DEMO_KINDS[kind][0], DEMO_KINDS[kind][1] * N_DEMO
+        name, n, writer = DEMO_KINDS[kind][0], DEMO_KINDS[kind][1] * N_DEMO, DEMO_KINDS[kind][2]
         folder = path = os.path.join(DEMO_DATA, f"{name}-{resolution}px-seed0-n{n}")
-        args = ["synth.py" if kind == "shapes" else "scenes.py", "--out", "PATH", "--n", n, "--size", resolution]
+        args = [writer, "--out", "PATH", "--n", n, "--size", resolution]
     cmd = [sys.executable, os.path.join(ROOT, "toy", args[0])] + [path if a == "PATH" else str(a) for a in args[1:]]
 
     def make():

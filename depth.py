@@ -1,7 +1,7 @@
 """Image-to-depth with a Stable Diffusion UNet fine-tuned Marigold-style, trained with Diff2Flow
 (arXiv 2506.02221, section on depth), naive FM or the diffusion loss.
 
-    python depth.py photo.jpg more.png some_folder/           # the bundled tiny demo (synthetic rooms)
+    python depth.py photo.jpg more.png some_folder/           # the bundled tiny demo (synthetic rooms, streets)
     python depth.py img.png --ckpt runs/depth/final.safetensors --steps 4 --ensemble 8 --uncertainty
 
 For each input it writes to --out (default out/depth): NAME_depth.png (colour, near = warm), NAME_depth16.png

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import depth
 import depth_eval
 import sd
@@ -349,14 +350,19 @@ def test_evaluate_depth_command(pairs, model_path, tmp_path):
     assert e.value.code == 1
 
 
-def test_heldout_scenes_are_written_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["scenes", "streets"])
+def test_heldout_sets_of_the_training_renderers_are_written_once(kind, tmp_path, monkeypatch):
     import scenes
+    import streets
     calls = []
     monkeypatch.setattr(depth_eval, "ROOT", str(tmp_path))
-    monkeypatch.setattr(scenes, "write_pairs", lambda *a: calls.append(a) or os.makedirs(a[0]))
-    first = depth_eval.heldout_scenes(size=16, n=3)
-    assert first == depth_eval.heldout_scenes(size=16, n=3) == str(tmp_path / "runs/data/scenes-v3-16px-seed10001-n3")
-    assert calls == [(first, 3, 16, scenes.TEST_SEED)] and os.path.exists(os.path.join(first, "done"))
+    monkeypatch.setattr(scenes, "write_pairs", lambda *a, **k: calls.append((a, k)) or os.makedirs(a[0]))
+    make = getattr(depth_eval, f"heldout_{kind}")
+    first = make(size=16, n=3)
+    name = {"scenes": "scenes-v3", "streets": "streets-v1"}[kind]
+    assert first == make(size=16, n=3) == str(tmp_path / f"runs/data/{name}-16px-seed10001-n3")
+    assert calls == [((first, 3, 16, scenes.TEST_SEED), {} if kind == "scenes" else {"draw": streets.draw})]
+    assert os.path.exists(os.path.join(first, "done"))
 
 
 def test_mean_depth_map_of_one_pair_is_its_normalised_depth_and_scores_as_it(pairs):
@@ -709,3 +715,21 @@ def test_depth_vae_all_tunes_the_prior_before_training_and_travels_whole(pairs, 
         depth_vae.main(["--ckpt", train.DEMO_PRIOR, "--data", pairs, "--part", "decoder",
                         "--out", str(tmp_path / "y.safetensors")])
 
+
+
+def test_the_depth_demo_preset_mixes_the_two_training_renderers(tmp_path, monkeypatch):
+    """--task depth without --data: 8192 scenes.py rooms and 4096 streets.py streets, each made once by its own
+    writer (data.demo), mixed by their sizes."""
+    import train
+    cfg = train.parse_args(["--task", "depth"])
+    train.check_config(cfg)
+    names = [os.path.basename(p) for p in cfg.data]
+    assert names == ["scenes-v3-64px-seed0-n8192", "streets-v1-64px-seed0-n4096"] and cfg.data_weights == ""
+    monkeypatch.setattr(data, "DEMO_DATA", str(tmp_path))
+    runs = []
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: runs.append(cmd))
+    path, make = data.demo("demo:streets", 16)
+    make()
+    assert path == str(tmp_path / "streets-v1-16px-seed0-n4096") and os.path.exists(os.path.join(path, "done"))
+    assert runs[0][1].endswith(os.path.join("toy", "streets.py")) and runs[0][2:] == [
+        "--out", path, "--n", "4096", "--size", "16", "--seed", "0"]

@@ -19,6 +19,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 import rooms_sdf  # noqa: E402
 import scenes  # noqa: E402
+import streets  # noqa: E402
 from depth import (DEPTH_RANGES, PairDataset, decode_depth, depth_metrics, encode_depth, load_model,  # noqa: E402
                    mean_metrics, normalize_depth, predict, processing_size, size_multiple, square)
 import data  # noqa: E402
@@ -70,6 +71,12 @@ def heldout_scenes(size=64, n=128):
     """The held-out test scenes (scenes.TEST_SEED, never trained on), written once to runs/data/."""
     path = os.path.join(ROOT, "runs", "data", f"{data.DEMO_KINDS['scenes'][0]}-{size}px-seed{scenes.TEST_SEED}-n{n}")
     return common.written_once(path, lambda p: scenes.write_pairs(p, n, size, scenes.TEST_SEED))
+
+
+def heldout_streets(size=64, n=128):
+    """The held-out streets (streets.py, the second training renderer, scenes.TEST_SEED), written once to runs/data/."""
+    path = os.path.join(ROOT, "runs", "data", f"{data.DEMO_KINDS['streets'][0]}-{size}px-seed{scenes.TEST_SEED}-n{n}")
+    return common.written_once(path, lambda p: scenes.write_pairs(p, n, size, scenes.TEST_SEED, draw=streets.draw))
 
 
 def unseen_scenes(size=64, n=128):

@@ -445,8 +445,8 @@ def add_depth(sub):
     p.add_argument("path", nargs="?", metavar="PATH", help="a benchmark's folder or Marigold's tar of it (with "
                    "--dataset " + "|".join(benchmarks.BENCHMARKS) + ")")
     p.add_argument("--data", action="append", help="pair folder, rgb/ + depth/; repeat for several (default: the "
-                   "two held-out sets, written once to runs/data/: 128 scenes.py rooms of seed 10001 and 128 scenes "
-                   "of toy/rooms_sdf.py, the renderer no model trains on)")
+                   "three held-out sets, written once to runs/data/: 128 scenes.py rooms and 128 streets.py streets of "
+                   "seed 10001, and 128 scenes of toy/rooms_sdf.py, the renderer no model trains on)")
     p.add_argument("--ckpt", action="append", help="depth model(s); repeat to compare "
                    f"(default: the bundled demo, {os.path.relpath(depth.DEMO, ROOT)})")
     p.add_argument("--steps", type=int, nargs="+", help="Euler step counts (default: 1 2 4 10; a benchmark: 10)")
@@ -483,7 +483,8 @@ def run_depth(a):
         common.usage_error(f"--dataset {a.dataset} is a benchmark: give its folder, evaluate.py depth --dataset "
                            f"{a.dataset} PATH")
     torch.set_num_threads(1)  # the tiny models: one thread is fastest on a busy CPU (see train.py --threads)
-    ckpts, data = a.ckpt or [depth.DEMO], a.data or [depth_eval.heldout_scenes(), depth_eval.unseen_scenes()]
+    ckpts = a.ckpt or [depth.DEMO]
+    data = a.data or [depth_eval.heldout_scenes(), depth_eval.heldout_streets(), depth_eval.unseen_scenes()]
     try:
         rows = depth_eval.evaluate_models(ckpts, data, a.steps, a.ensemble, a.n, depth.DEPTH_RANGES[a.dataset],
                                           a.processing_res, a.seed, a.baseline, a.device)

@@ -1,38 +1,43 @@
 #!/usr/bin/env bash
 # Rebuild the depth demo, assets/demo/depth_tiny.safetensors (fp16, ~6 MB: the UNet and its VAE; sd.load takes the
 # text encoder from prior_tiny.safetensors, its base), and RESULTS.md's "depth-demo" section, in one command,
-# ~40 min on 2 CPU cores (measured, RESULTS.md):
-#   1. the training data, once: 8192 scenes.py rooms at 64 px (seed 0; train.py's default depth data, ~4 min, 2 processes);
-#   2. python toy/depth_vae.py --part all: the prior's VAE tuned on the training pairs' images and depth maps (the
+# ~61 min on 2 CPU cores (measured, RESULTS.md):
+#   1. the training data, once (train.py's default depth data, seed 0, 2 processes): 8192 scenes.py rooms at 64 px
+#      (~4 min) and 4096 toy/streets.py streets, the second renderer (our Virtual KITTI; ~3 min);
+#   2. python toy/depth_vae.py --part all: the prior's VAE tuned on the rooms' images and depth maps (the
 #      toy's one step beyond Marigold, whose SD VAE already encodes both: see its docstring), ~7 min;
 #   3. python train.py --task depth --preset depth-demo --ckpt (that prior) --steps $DEMO_STEPS: Diff2Flow, the prior
-#      fine-tuned Marigold-style, predicting affine-invariant depth (--depth-norm marigold, --cache), every step at
-#      t_FM = 0 (--t-sampling noise_end: the one time the 1-step sampler reads), ~25 min with the encoding;
-#   4. python toy/evaluate.py depth on both held-out sets, 128 scenes.py rooms of seed 10001 and 128 scenes of
+#      fine-tuned Marigold-style on rooms and streets mixed 2:1 (their sizes), predicting affine-invariant depth
+#      (--depth-norm marigold, --cache), every step at t_FM = 0 (--t-sampling noise_end: the one time the 1-step
+#      sampler reads), ~40 min with the encoding;
+#   4. python toy/evaluate.py depth on three held-out sets, 128 rooms and 128 streets of seed 10001 and 128 scenes of
 #      toy/rooms_sdf.py, the renderer no model trains on: steps 1/2/4/10 x ensemble 1/4, the VAE floor and the
-#      trivial baselines (the training set's mean depth map, depth linear in the row) -> RESULTS.md (~4 min).
-# With --compare it also trains the three objectives (diff2flow, fm, diffusion) on the same data, steps (600), noise
+#      trivial baselines (the training rooms' mean depth map, depth linear in the row) -> RESULTS.md (~6 min).
+# With --compare it also trains the three objectives (diff2flow, fm, diffusion) on the rooms alone, steps (600), noise
 # and seed from the untuned prior (uniform t, lr 2e-4), each with the VAE decoder tuned on depth maps
 # (toy/depth_vae.py --part decoder), and writes RESULTS.md's "depth" section (~30 min more).
 # Deterministic given the seeds and the same torch build. Usage: toy/make_depth_demo.sh [--fast] [--compare], from
 # anywhere (--fast: a few steps and a 4-image evaluation, to check the script; it writes runs/depth-fast/ only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEMO_STEPS=3000; VAE_STEPS=250; CMP_STEPS=600; DEC_STEPS=400; DEST=assets/demo; RUNS=runs; EVAL=(); COMPARE=0; DATA=()
-TRAIN_SCENES=runs/data/scenes-v3-64px-seed0-n8192  # train.py's default depth data (data.DEMO_KINDS)
+DEMO_STEPS=4500; VAE_STEPS=250; CMP_STEPS=600; DEC_STEPS=400; DEST=assets/demo; RUNS=runs; EVAL=(); COMPARE=0; DATA=()
+TRAIN_SCENES=runs/data/scenes-v3-64px-seed0-n8192  # train.py's default depth data (data.DEMO_KINDS), with the streets
+TRAIN_STREETS=runs/data/streets-v1-64px-seed0-n4096
+CMP_DATA=(--data "$TRAIN_SCENES")  # --compare: the rooms alone (as RESULTS.md's "depth" section was measured)
 for arg in "$@"; do
   case "$arg" in
     --compare) COMPARE=1 ;;
     --fast) DEMO_STEPS=2; VAE_STEPS=2; CMP_STEPS=2; DEC_STEPS=2; DEST=runs/depth-fast; RUNS=runs/depth-fast; EVAL=(--n 4 --steps 1 --ensemble 1)
             mkdir -p "$DEST" && cp assets/demo/prior_tiny.safetensors "$DEST/"  # the base the demo file names
             TRAIN_SCENES=$RUNS/scenes; python toy/scenes.py --out "$TRAIN_SCENES" --n 16 --size 64
-            DATA=(--data "$TRAIN_SCENES" --no-cache) ;;
+            TRAIN_STREETS=$RUNS/streets; python toy/streets.py --out "$TRAIN_STREETS" --n 8 --size 64
+            DATA=(--data "$TRAIN_SCENES" --data "$TRAIN_STREETS" --no-cache); CMP_DATA=(--data "$TRAIN_SCENES" --no-cache) ;;
     *) echo "usage: toy/make_depth_demo.sh [--fast] [--compare]" >&2; exit 2 ;;
   esac
 done
 RESULTS=(--results RESULTS.md); [[ -n "${EVAL[*]}" ]] && RESULTS=(--results "$RUNS/RESULTS.md")
 export DEST RUNS
-[[ -z "${DATA[*]}" ]] && python -c "import data; data.demo('demo:scenes', 64)[1]()"  # step 1 (once)
+[[ -z "${DATA[*]}" ]] && python -c "import data; [data.demo(k, 64)[1]() for k in ('demo:scenes', 'demo:streets')]"  # 1
 rm -rf "$RUNS/depth-demo" "$RUNS/depth-vae" "$RUNS/depth-decoder"
 mkdir -p "$RUNS/depth-vae"
 python toy/depth_vae.py --part all --ckpt assets/demo/prior_tiny.safetensors --data "$TRAIN_SCENES" \
@@ -49,7 +54,7 @@ python depth.py assets/room.png --ckpt "$DEST/depth_tiny.safetensors" --out "$RU
 if [[ "$COMPARE" == 1 ]]; then  # the same data, steps, noise and seed; one encoded cache, the same decoder
   mkdir -p "$RUNS/depth-decoder"
   python train.py --task depth --preset depth-demo --out "$RUNS/depth-decoder" --steps 1 --no-cache \
-    --sample-every 0 "${DATA[@]}" > /dev/null  # a depth model file of the preset's encoding: the decoder's start
+    --sample-every 0 "${CMP_DATA[@]}" > /dev/null  # a depth model file of the preset's encoding: the decoder's start
   python toy/depth_vae.py --part decoder --ckpt "$RUNS/depth-decoder/final.safetensors" --data "$TRAIN_SCENES" \
     --out "$RUNS/depth-decoder/decoder.safetensors" --steps "$DEC_STEPS" --batch-size 32
   CKPTS=(); CACHE=""
@@ -57,7 +62,7 @@ if [[ "$COMPARE" == 1 ]]; then  # the same data, steps, noise and seed; one enco
     rm -rf "$RUNS/depth-$obj" && mkdir -p "$RUNS/depth-$obj"
     [[ -n "$CACHE" ]] && cp -r "$CACHE" "$RUNS/depth-$obj/cache"
     python train.py --task depth --preset depth-demo --objective "$obj" --t-sampling uniform --lr 2e-4 \
-      --out "$RUNS/depth-$obj" --steps "$CMP_STEPS" "${DATA[@]}"
+      --out "$RUNS/depth-$obj" --steps "$CMP_STEPS" "${CMP_DATA[@]}"
     [[ -d "$RUNS/depth-$obj/cache" ]] && CACHE="$RUNS/depth-$obj/cache"
     python toy/depth_vae.py --part decoder --ckpt "$RUNS/depth-$obj/final.safetensors" \
       --from "$RUNS/depth-decoder/decoder.safetensors" --out "$RUNS/depth-$obj/with_decoder.safetensors"

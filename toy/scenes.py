@@ -313,21 +313,26 @@ def make_scene(seed, i):
     return Scene(surfaces, eye, rot, fov, light, sky, ambient, 0.0 if outdoor else lamp, sun, far)
 
 
-def write_pair(out, size, seed, i):
+def draw(seed, i, size):
+    """Scene i of seed -> (RGB uint8, planar depth float32): write_pairs' renderer unless given another's."""
+    return render(make_scene(seed, i), size)
+
+
+def write_pair(out, size, seed, draw, i):
     """Scene i as out/rgb/NAME.png + out/depth/NAME.png (uint16 mm, 0 = invalid)."""
-    rgb, depth = render(make_scene(seed, i), size)
+    rgb, depth = draw(seed, i, size)
     mm = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)
     Image.fromarray(rgb).save(out / "rgb" / f"{i:05d}.png")
     Image.fromarray(mm).save(out / "depth" / f"{i:05d}.png")  # PIL writes uint16 arrays as 16-bit PNG
 
 
-def write_pairs(out, n, size=64, seed=TRAIN_SEED, start=0, workers=1):
+def write_pairs(out, n, size=64, seed=TRAIN_SEED, start=0, workers=1, draw=draw):
     """Scenes start..start+n-1 as a pair folder, rendered by `workers` processes (each scene depends on (seed, i)
-    only, so the files are the same for any number)."""
+    only, so the files are the same for any number); `draw(seed, i, size)` renders one (streets.py passes its own)."""
     out = Path(out)
     (out / "rgb").mkdir(parents=True, exist_ok=True)
     (out / "depth").mkdir(parents=True, exist_ok=True)
-    job, ids = functools.partial(write_pair, out, size, seed), range(start, start + n)
+    job, ids = functools.partial(write_pair, out, size, seed, draw), range(start, start + n)
     bar = functools.partial(tqdm, total=n, desc=f"writing {out}", dynamic_ncols=True)
     if workers == 1:
         for _ in bar(map(job, ids)):
