@@ -8,6 +8,7 @@ import errno
 import fcntl
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -452,6 +453,17 @@ class DivergenceGuard:
             return (f"the weights' norm is {n:.3g}, over {self.factor:g}x its start {self.ref:.3g} (the rule for an "
                     "exploding run)" if n == n and n != float("inf") else f"the weights' norm is {n}")
         return None
+
+
+def lr_at(lr, step, warmup, total, decay="none"):
+    """The learning rate of optimizer step step + 1 (of `total`): linear warmup over `warmup` steps, then constant
+    (decay "none") or a half cosine down to 10% of lr at the last step (decay "cosine", as nanoGPT's; short runs end
+    on small steps, which averages out the noise of a constant rate)."""
+    if step < warmup:
+        return lr * min(1.0, (step + 1) / warmup)
+    if decay == "none":
+        return lr
+    return lr * (0.55 + 0.45 * math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def ema_decay(n, decay, warmup="ours"):

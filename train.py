@@ -36,7 +36,7 @@ import lora
 import reflow
 import sd
 from common import (EMA, CheckpointError, DiskFull, DivergenceGuard, FolderLock, RunLog, dataclass_parser, fail,
-                    given_options, load_checkpoint_file, load_settings, one_line_warnings, resolve_settings,
+                    given_options, load_checkpoint_file, load_settings, lr_at, one_line_warnings, resolve_settings,
                     return_freed_memory, rng_state, save_checkpoint_file, seed_all, set_rng_state, stop_signals,
                     usage_error)
 
@@ -79,7 +79,8 @@ class TrainConfig:  # None: the preset's value
     batch_size: int = arg(None, "images per process and micro-step; global batch = this x grad-accum x processes")
     grad_accum: int = arg(1, "micro-steps per optimizer step")
     lr: float = arg(None, "peak learning rate (the preset's lora_lr with --lora)")
-    warmup: int = arg(None, "linear learning-rate warmup steps, then constant")
+    warmup: int = arg(None, "linear learning-rate warmup steps, then --lr-decay")
+    lr_decay: str = arg("none", "after the warmup: constant or cosine (to 10%% at --steps)", choices=["none", "cosine"])
     optimizer: str = arg("adamw", "adamw, or adam (the official code's; its weight decay is L2)", choices=list(OPTIMIZERS))
     weight_decay: float = arg(0.01, "weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0 = no clipping)")
@@ -113,9 +114,9 @@ class TrainConfig:  # None: the preset's value
 
 
 SAME_ON_RESUME = ("task", "ckpt", "data", "data_weights", "objective", "fm_time", "t_sampling", "prediction", "lora",
-                  "lora_full", "resolution", "crop", "random_flip", "lr", "warmup", "optimizer", "weight_decay",
-                  "grad_clip", "ema", "ema_warmup", "caption_dropout", "zero_terminal_snr", "depth_norm", "seed",
-                  "pairs", "n_pairs", "prompts", "teacher_steps", "teacher_cfg", "bf16", "compile")  # others may change
+                  "lora_full", "resolution", "crop", "random_flip", "lr", "warmup", "lr_decay", "optimizer", "bf16",
+                  "weight_decay", "grad_clip", "ema", "ema_warmup", "caption_dropout", "zero_terminal_snr", "seed",
+                  "depth_norm", "pairs", "n_pairs", "prompts", "teacher_steps", "teacher_cfg", "compile")  # others may change
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -150,8 +151,7 @@ def check_config(cfg: TrainConfig):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         usage_error(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     if cfg.task == "reflow" and (not cfg.prompts or cfg.n_pairs < 1 or cfg.teacher_steps < 1):
-        usage_error("--task reflow needs --prompts FILE (one prompt per line); --n-pairs and --teacher-steps "
-                    "must be >= 1")
+        usage_error("--task reflow needs --prompts FILE (one per line); --n-pairs and --teacher-steps must be >= 1")
     data.check_args(cfg)
     cfg.bf16 = cfg.device.startswith("cuda") if cfg.bf16 is None else cfg.bf16
     cfg.ckpt = os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt  # else a repo id
@@ -342,7 +342,7 @@ def loop(run, state):
                dynamic_ncols=True, unit="step")
     with stop_signals() as flag:
         for step in bar:  # `step` optimizer steps are done; this is step + 1
-            t0, lr = time.time(), cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+            t0, lr = time.time(), lr_at(cfg.lr, step, cfg.warmup, cfg.steps, cfg.lr_decay)
             for group in run.opt.param_groups:
                 group["lr"] = lr
             try:

@@ -1,6 +1,7 @@
 """train.py on a tiny model (sd.create() presets), 32 px images, a few steps: in process via main(argv),
 and as subprocesses for the kill and the two-process (gloo DDP) tests."""
 import json
+import math
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import common
 import data
 import diff2flow
 import lora
@@ -89,6 +91,32 @@ def test_full_finetune_records_objective(tiny, tmp_path, objective):
     assert all(torch.equal(v, trained[k]) for k, v in loaded.unet.state_dict().items()), "final != trained weights"
     model = diff2flow.velocity_model(loaded.unet, loaded.alphas_cumprod, loaded.prediction, loaded.objective)
     assert isinstance(model, diff2flow.NaiveVelocity if objective[0] == "fm" else diff2flow.FlowModel)
+
+
+def test_lr_schedule_warms_up_then_stays_or_falls_as_a_half_cosine_to_a_tenth():
+    lr, warmup, total = 1e-3, 4, 104
+    assert [common.lr_at(lr, s, warmup, total) for s in range(4)] == [lr * k / 4 for k in (1, 2, 3, 4)]
+    assert all(common.lr_at(lr, s, warmup, total) == lr for s in range(4, total))  # "none": constant after it
+    cos = [common.lr_at(lr, s, warmup, total, "cosine") for s in range(total + 1)]
+    assert cos[:5] == [lr * k / 4 for k in (1, 2, 3, 4)] + [lr]  # the same warmup, then the peak
+    assert cos[54] == pytest.approx(0.55 * lr, rel=1e-12) and cos[total] == pytest.approx(0.1 * lr, rel=1e-12)
+    assert all(a > b for a, b in zip(cos[4:], cos[5:]))  # falling at every step after the warmup
+
+
+def test_cosine_decay_is_what_the_run_logs_and_resume_keeps_it(tiny, tmp_path):
+    decay = ("--lr-decay", "cosine", "--warmup", "1", "--lora", "4", "--save-every", "2", "--steps", "5")
+    train.main(args(tiny, tmp_path, *decay))
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    want = [1e-3] + [1e-3 * (0.55 + 0.45 * math.cos(math.pi * k / 4)) for k in range(4)]  # after a 1-step warmup
+    assert [r["lr"] for r in log] == pytest.approx(want, rel=1e-12)
+    for name in ("ckpt.pt", "ckpt-000005.pt"):  # back to step 4: the resumed step 5 is the same step
+        os.remove(tmp_path / name)
+    os.link(tmp_path / "ckpt-000004.pt", tmp_path / "ckpt.pt")
+    train.main(args(tiny, tmp_path, *decay, "--resume"))
+    again = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [(r["step"], r["lr"], r["loss"]) for r in again] == [(r["step"], r["lr"], r["loss"]) for r in log]
+    with pytest.raises(SystemExit, match=r"trained with --lr-decay cosine \(now none\)"):
+        train.main([*args(tiny, tmp_path, *decay, "--resume"), "--lr-decay", "none"])
 
 
 def test_resume_gives_the_same_losses_as_one_run(tiny, tmp_path):

@@ -20,7 +20,6 @@ Both stages: linear warmup over --warmup steps, then cosine decay to 10% of the 
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -49,13 +48,6 @@ VAE_BATCH = 32  # flat-coloured shapes: small batches reconstruct fine, and the 
 ENCODE_BATCH = 256  # images per VAE call while encoding the UNet's data
 
 
-def cosine_lr(lr, warmup, step, total):
-    """Linear warmup, then cosine decay to 10% of lr: short from-scratch runs end on small steps."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * (0.55 + 0.45 * math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def vae_loss(vae, x, kl_weight=1e-6):
     """L1 + MSE reconstruction of the posterior mean + kl_weight x KL(q(z|x) || N(0, I)) per latent element
     (LDM's tiny KL weight: the latents only need to stay bounded, not Gaussian). From the mean, not a
@@ -79,7 +71,7 @@ def train_vae(cfg, vae, log):
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", dynamic_ncols=True)):
         x, _ = synth.images(cfg.seed, step * VAE_BATCH, VAE_BATCH, cfg.resolution)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(VAE_LR, cfg.warmup, step, cfg.vae_steps)
+            group["lr"] = common.lr_at(VAE_LR, step, cfg.warmup, cfg.vae_steps, "cosine")
         loss = vae_loss(vae, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,7 +113,7 @@ def train_prior(cfg, bundle, log):
         context = text(torch.where(drop[:, None], empty, ids[idx]))  # (B, 77, width), with gradients
         loss = diff2flow.diffusion_loss(unet, latents[idx], context, abar, bundle.prediction, noise=noise, t=t)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, cfg.warmup, step, cfg.steps)
+            group["lr"] = common.lr_at(cfg.lr, step, cfg.warmup, cfg.steps, "cosine")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
