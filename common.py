@@ -457,8 +457,8 @@ class DivergenceGuard:
 
 def lr_at(lr, step, warmup, total, decay="none"):
     """The learning rate of optimizer step step + 1 (of `total`): linear warmup over `warmup` steps, then constant
-    (decay "none") or a half cosine down to 10% of lr at the last step (decay "cosine", as nanoGPT's; short runs end
-    on small steps, which averages out the noise of a constant rate)."""
+    (decay "none") or a half cosine that would reach 10% of lr at step `total` (decay "cosine", as nanoGPT's: short
+    from-scratch runs end on small steps)."""
     if step < warmup:
         return lr * min(1.0, (step + 1) / warmup)
     if decay == "none":

@@ -12,7 +12,7 @@
 #      sampler reads), ~25 min with the encoding;
 #   4. python toy/evaluate.py depth on three held-out sets, 128 rooms and 128 streets of seed 10001 and 128 scenes of
 #      toy/rooms_sdf.py, the renderer no model trains on: steps 1/2/4/10 x ensemble 1/4, the VAE floor and the
-#      trivial baselines (the training rooms' mean depth map, depth linear in the row) -> RESULTS.md (~6 min).
+#      trivial baselines (the training rooms' mean depth map, depth linear in the row) -> RESULTS.md (~8 min).
 # With --compare it also trains the three objectives (diff2flow, fm, diffusion) on the rooms alone, steps (600), noise
 # and seed from the untuned prior (uniform t, lr 2e-4), each with the VAE decoder tuned on depth maps
 # (toy/depth_vae.py --part decoder), and writes RESULTS.md's "depth" section (~30 min more).
